@@ -1,0 +1,127 @@
+"""Typed config schemas (registered in Hydra's ConfigStore) and start-up validation.
+
+`conf/config.yaml` names `pipeline_schema` first in its defaults list, so every key a user sets
+is checked against these dataclasses: a misspelt key or a wrong type fails before any work.
+Each technique's options are its own dataclass, stored as `schema/technique/<name>` by
+`register_configs()`; the technique's YAML file pulls that schema in.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import II, MISSING
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; raised before any work, with a message naming the problem."""
+
+
+@dataclass
+class ModelConfig:
+    kind: str = MISSING  # efficientnet_lite0 | torchvision | timm | checkpoint
+    name: Optional[str] = None  # torchvision / timm model name
+    weights: Optional[str] = None  # torchvision weights name (DEFAULT, IMAGENET1K_V1, null)
+    pretrained: bool = False  # timm: fetch pretrained weights through timm's own cache
+    path: Optional[str] = None  # checkpoint file (state dict or TorchScript)
+    arch: Optional[str] = None  # checkpoint architecture: torchvision/timm name or "module:Class"
+    num_classes: Optional[int] = None  # checkpoint architecture's number of classes
+    input_size: int = 224  # side of the square crop the model sees
+    resize: int = 256  # shorter side is resized to this, then centre-cropped to input_size
+    interpolation: str = "area"  # area | bilinear | bicubic (area is used for shrinking)
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    layers: List[str] = field(default_factory=list)  # default layers; empty: last conv block
+
+
+@dataclass
+class DataConfig:
+    kind: str = MISSING  # samples | folder | video
+    path: Optional[str] = None
+    start: int = 0  # video frame range
+    stop: Optional[int] = None
+    step: int = 1
+    extensions: List[str] = field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"]
+    )
+    crop: Optional[List[int]] = None  # [x, y, w, h] in the source image's pixels
+    limit: Optional[int] = None
+
+
+@dataclass
+class RenderConfig:
+    png: bool = True
+    max_inputs: Optional[int] = 256  # PNGs for the first N inputs of the run only
+    colormap: str = "jet"  # any OpenCV colormap name
+    alpha: float = 0.5  # heatmap opacity over the image
+    channels: int = 8  # top channels drawn per layer for channel maps
+    tile: int = 160  # tile side in pixels
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    technique: Dict[str, Any] = field(default_factory=dict)
+    layers: List[str] = II("model.layers")  # module names or glob patterns
+    target: str = "pred"  # pred | <int> | topk:<k>
+    batch_size: int = 16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    num_workers: int = 2
+    render: RenderConfig = field(default_factory=RenderConfig)
+
+
+MODEL_KINDS = ("efficientnet_lite0", "torchvision", "timm", "checkpoint")
+DATA_KINDS = ("samples", "folder", "video")
+_TARGET = re.compile(r"^(pred|\d+|topk:[1-9]\d*)$")
+
+
+def register_configs() -> None:
+    """Store the top-level schema and every registered technique's option schema."""
+    from pipeline.techniques import REGISTRY
+
+    cs = ConfigStore.instance()
+    cs.store(name="pipeline_schema", node=Config)
+    for name, technique in REGISTRY.items():
+        cs.store(group="schema/technique", name=name, node=technique.Options)
+
+
+def validate(cfg: Any) -> None:
+    """Checks that need no model or data; raises ConfigError naming the bad key."""
+    if cfg.model.kind not in MODEL_KINDS:
+        raise ConfigError(f"model.kind={cfg.model.kind!r}: expected one of {MODEL_KINDS}")
+    if cfg.data.kind not in DATA_KINDS:
+        raise ConfigError(f"data.kind={cfg.data.kind!r}: expected one of {DATA_KINDS}")
+    if not _TARGET.match(str(cfg.target)):
+        raise ConfigError(f"target={cfg.target!r}: expected pred, a class index, or topk:<k>")
+    for key in ("batch_size",):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]} must be at least 1")
+    if cfg.num_workers < 0:
+        raise ConfigError(f"num_workers={cfg.num_workers} must be 0 or more")
+    if not re.match(r"^(auto|cpu|cuda(:\d+)?|mps)$", cfg.device):
+        raise ConfigError(f"device={cfg.device!r}: expected auto, cpu, cuda or cuda:N")
+    if cfg.data.limit is not None and cfg.data.limit < 1:
+        raise ConfigError(f"data.limit={cfg.data.limit} must be at least 1 (or null)")
+    if cfg.data.crop is not None:
+        crop = list(cfg.data.crop)
+        if len(crop) != 4 or crop[0] < 0 or crop[1] < 0 or crop[2] < 1 or crop[3] < 1:
+            raise ConfigError(f"data.crop={crop}: expected [x, y, w, h] with x, y >= 0, w, h >= 1")
+    if cfg.data.step < 1 or cfg.data.start < 0:
+        raise ConfigError("data.start must be >= 0 and data.step >= 1")
+    if cfg.data.stop is not None and cfg.data.stop <= cfg.data.start:
+        raise ConfigError(f"data.stop={cfg.data.stop} must be greater than data.start={cfg.data.start}")
+    if cfg.model.input_size < 8 or cfg.model.resize < cfg.model.input_size:
+        raise ConfigError("model.input_size must be >= 8 and model.resize >= model.input_size")
+    if cfg.model.interpolation not in ("area", "bilinear", "bicubic"):
+        raise ConfigError(f"model.interpolation={cfg.model.interpolation!r}: area, bilinear or bicubic")
+    if len(cfg.model.mean) != 3 or len(cfg.model.std) != 3 or min(cfg.model.std) <= 0:
+        raise ConfigError("model.mean and model.std need three values, std > 0")
+    if not cfg.technique:
+        raise ConfigError("no technique selected: set technique=<name> or technique=[a,b]")

@@ -1,0 +1,25 @@
+"""Data sources (samples, folder, video) and the DataLoader that decodes them in workers."""
+from pipeline.config import ConfigError
+from pipeline.data.base import BadItem, Item, Skip, Source, prepare
+from pipeline.data.images import SAMPLES_DIR, FolderSource, SamplesSource
+from pipeline.data.loader import Batch, make_loader
+from pipeline.data.video import VideoSource
+
+
+def build_source(cfg) -> Source:
+    """The source a `data` config names; a missing path or an empty folder raises ConfigError."""
+    if cfg.kind == "samples":
+        return SamplesSource(cfg.limit)
+    if cfg.path is None:
+        raise ConfigError(f"data={cfg.kind} needs data.path")
+    if cfg.kind == "folder":
+        return FolderSource(cfg.path, cfg.extensions, cfg.limit)
+    if cfg.kind == "video":
+        return VideoSource(cfg.path, cfg.start, cfg.stop, cfg.step, cfg.limit)
+    raise ConfigError(f"data.kind={cfg.kind!r} is unknown")
+
+
+__all__ = [
+    "BadItem", "Batch", "FolderSource", "Item", "SAMPLES_DIR", "SamplesSource", "Skip", "Source",
+    "VideoSource", "build_source", "make_loader", "prepare",
+]

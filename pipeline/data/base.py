@@ -1,0 +1,72 @@
+"""What every data source yields, and the shared decode → crop → resize → normalise step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from pipeline.models import Preprocess
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str  # stable within a source: relative path, or "<video name>@<frame>"
+    source: str  # file path
+    frame: int = -1  # frame index in a video; -1 for still images
+
+
+@dataclass(frozen=True)
+class Skip:
+    id: str
+    source: str
+    frame: int
+    reason: str
+
+
+class BadItem(Exception):
+    """One input that cannot be used; the run records it as skipped and goes on."""
+
+
+class Source:
+    """A list of items fixed at start (so resumed runs see the same ids) and a way to decode one."""
+
+    items: List[Item]
+    skipped: List[Skip]  # items known bad before decoding (e.g. frames past the end of a video)
+
+    def read(self, item: Item) -> np.ndarray:
+        """Decode one item to an RGB uint8 array [H, W, 3]; raise BadItem with the reason."""
+        raise NotImplementedError
+
+
+_INTER = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
+
+
+def prepare(image: np.ndarray, crop: Optional[Sequence[int]], pre: Preprocess):
+    """RGB uint8 [H, W, 3] -> (model input float [3, S, S], display image uint8 [S, S, 3]).
+
+    Crop box [x, y, w, h] first (must lie inside the image), then the shorter side is resized
+    to `pre.resize` (area interpolation when shrinking) and the centre `pre.input_size` square kept.
+    """
+    if crop is not None:
+        x, y, w, h = (int(v) for v in crop)
+        H, W = image.shape[:2]
+        if x + w > W or y + h > H:
+            raise BadItem(f"crop {[x, y, w, h]} does not fit inside the {W}x{H} image")
+        image = image[y : y + h, x : x + w]
+    h, w = image.shape[:2]
+    scale = pre.resize / min(h, w)
+    size = (max(pre.input_size, round(w * scale)), max(pre.input_size, round(h * scale)))
+    inter = cv2.INTER_AREA if scale < 1 else _INTER.get(pre.interpolation, cv2.INTER_CUBIC)
+    if inter == cv2.INTER_AREA and scale >= 1:
+        inter = cv2.INTER_CUBIC
+    image = cv2.resize(image, size, interpolation=inter)
+    h, w = image.shape[:2]
+    top, left = (h - pre.input_size) // 2, (w - pre.input_size) // 2
+    display = np.ascontiguousarray(image[top : top + pre.input_size, left : left + pre.input_size])
+    x = torch.from_numpy(display).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(pre.mean).view(3, 1, 1)
+    std = torch.tensor(pre.std).view(3, 1, 1)
+    return (x - mean) / std, display

@@ -1,0 +1,155 @@
+"""The one place maps become pictures: upsampling, normalisation, colouring, tiles and grids."""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+
+Tile = np.ndarray  # RGB uint8 [t, t, 3]
+
+
+def upsample(m: np.ndarray, size: int) -> np.ndarray:
+    """[h, w] float -> [size, size] float, bilinear."""
+    m = np.asarray(m, dtype=np.float32)
+    if m.shape == (size, size):
+        return m
+    return cv2.resize(m, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def normalize(m: np.ndarray, percentile: float = 100.0) -> np.ndarray:
+    """Scale to [0, 1]: from 0 for a non-negative map, else from the minimum, up to the given
+    percentile (values above it clip to 1). A flat map gives 0."""
+    m = np.asarray(m, dtype=np.float32)
+    lo = 0.0 if m.min() >= 0 else float(m.min())
+    hi = float(m.max()) if percentile >= 100 else float(np.percentile(m, percentile))
+    return np.clip((m - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(m)
+
+
+def symmetric(m: np.ndarray) -> np.ndarray:
+    """Signed map -> [0, 1] with 0 at 0.5, scaled by the 99.5th percentile of |m| (robust to spikes)."""
+    scale = float(np.percentile(np.abs(m), 99.5)) or 1.0
+    return np.clip(0.5 + 0.5 * m / scale, 0.0, 1.0)
+
+
+def colorize(m01: np.ndarray, colormap: str = "jet") -> Tile:
+    """[h, w] in [0, 1] -> RGB uint8 via an OpenCV colormap (e.g. jet, viridis, inferno, turbo)."""
+    cmap = getattr(cv2, f"COLORMAP_{colormap.upper()}")
+    bgr = cv2.applyColorMap(np.uint8(np.clip(m01, 0, 1) * 255), cmap)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def grey(m01: np.ndarray) -> Tile:
+    g = np.uint8(np.clip(m01, 0, 1) * 255)
+    return np.repeat(g[..., None], 3, axis=2)
+
+
+def overlay(image: Tile, m01: np.ndarray, colormap: str, alpha: float) -> Tile:
+    heat = colorize(m01, colormap).astype(np.float32)
+    return np.uint8(np.clip((1 - alpha) * image + alpha * heat, 0, 255))
+
+
+def weight(image: Tile, m01: np.ndarray) -> Tile:
+    """The input weighted by the map (what the map lets through)."""
+    return np.uint8(image.astype(np.float32) * m01[..., None])
+
+
+def label(tile: Tile, text: str, size: int) -> Tile:
+    """Resize to size x size and write `text` on a dark strip at the top, shrunk to fit."""
+    inter = cv2.INTER_AREA if tile.shape[0] > size else cv2.INTER_LINEAR
+    tile = cv2.resize(tile, (size, size), interpolation=inter).copy()
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, max(0.3, size / 400)
+    (width, height), _ = cv2.getTextSize(text, font, scale, 1)
+    if width > size - 6:
+        scale *= (size - 6) / width
+        (width, height), _ = cv2.getTextSize(text, font, scale, 1)
+    strip = height + 8
+    tile[:strip] = (tile[:strip] * 0.3).astype(np.uint8)
+    cv2.putText(tile, text, (3, strip - 4), font, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return tile
+
+
+def grid(rows: Sequence[Sequence[Tile]], size: int, pad: int = 2) -> np.ndarray:
+    """Rows of equal-size tiles -> one RGB image; short rows are filled with white."""
+    cols = max(len(r) for r in rows)
+    out = np.full((len(rows) * (size + pad) + pad, cols * (size + pad) + pad, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, tile in enumerate(row):
+            y, x = pad + i * (size + pad), pad + j * (size + pad)
+            out[y : y + size, x : x + size] = tile
+    return out
+
+
+def write_png(path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"cannot encode {path}")
+    path.write_bytes(buf.tobytes())
+
+
+def technique_rows(
+    technique: str,
+    kinds: Dict[str, str],
+    maps: Dict[Tuple[str, str], np.ndarray],
+    image: Tile,
+    title: str,
+    targets: Sequence[Tuple[str, float]],
+    size: int,
+    colormap: str,
+    alpha: float,
+    channels: int,
+) -> List[List[Tile]]:
+    """Tiles for one input and one technique; `maps` holds this input's arrays (no batch axis).
+
+    heatmap  [K, h, w]     -> per target: input | overlay | input weighted by the map
+    gradient [K, C, H, W]  -> per target: input | signed colour image | grey max-abs image
+    channels [C, h, w]     -> the `channels` most activated channels, each in `colormap`
+    """
+    side = image.shape[0]
+    first = label(image, title, size)
+    rows: List[List[Tile]] = []
+    for (layer, output), m in maps.items():
+        kind = kinds.get(output, "data")
+        if kind == "heatmap" and m.ndim == 3:
+            for k, (cls, score) in enumerate(targets[: m.shape[0]]):
+                m01 = normalize(upsample(m[k], side))
+                text = f"{technique} {layer} | {cls} {score:.2f}"
+                rows.append([first, label(overlay(image, m01, colormap, alpha), text, size),
+                             label(weight(image, m01), f"{layer} weighted", size)])
+        elif kind == "gradient" and m.ndim == 4:
+            for k, (cls, score) in enumerate(targets[: m.shape[0]]):
+                g = m[k].transpose(1, 2, 0)  # [H, W, C]
+                colour = np.uint8(symmetric(g) * 255)
+                text = f"{technique} | {cls} {score:.2f}"
+                rows.append([first, label(colour, text, size),
+                             label(grey(normalize(np.abs(g).max(2), 99.0)), f"{technique} grey", size)])
+        elif kind == "channels" and m.ndim == 3:
+            means = m.reshape(m.shape[0], -1).mean(1)
+            top = np.argsort(-means, kind="stable")[:channels]
+            row = [first]
+            for c in top:
+                tile = colorize(normalize(upsample(m[c], side)), "viridis")
+                row.append(label(tile, f"{layer} ch{c} {means[c]:.2f}", size))
+            rows.append(row)
+    return rows
+
+
+def safe_name(item_id: str) -> str:
+    """A file name for an input id ("a/b.jpg" -> "a__b.jpg")."""
+    keep = "".join(ch if ch.isalnum() or ch in "._-@" else "_" for ch in item_id.replace("/", "__"))
+    return keep[:200] or "input"
+
+
+def render_input(
+    out_dir, item_id: str, technique: str, kinds: Dict[str, str], maps, image: Tile,
+    targets: Sequence[Tuple[str, float]], cfg, label_fn: Optional[Callable[[str], str]] = None,
+):
+    """Write png/<technique>/<id>.png for one input; returns the path, or None if nothing to draw."""
+    rows = technique_rows(technique, kinds, maps, image, label_fn(item_id) if label_fn else item_id,
+                          targets, cfg.tile, cfg.colormap, cfg.alpha, cfg.channels)
+    if not rows:
+        return None
+    path = out_dir / "png" / technique / f"{safe_name(item_id)}.png"
+    write_png(path, grid(rows, cfg.tile))
+    return path

@@ -1,0 +1,43 @@
+"""`python -m pipeline.layers [model=...]`: every layer with its type and output shape."""
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline.config import CONF_DIR, ConfigError, register_configs
+from pipeline.models import build_model, last_conv_block, probe_shapes
+
+register_configs()
+
+
+def layer_table(cfg: DictConfig) -> str:
+    """One line per module: name, type, output shape for one [1, 3, S, S] input."""
+    model = build_model(cfg.model, "cpu")
+    shapes = probe_shapes(model.module, cfg.model.input_size)
+    modules = dict(model.module.named_modules())
+    width = max(len(n) for n in modules)
+    lines = [f"# {model.description}, input [1, 3, {cfg.model.input_size}, {cfg.model.input_size}]",
+             f"{'layer':<{width}}  {'type':<24}  output"]
+    for name, module in modules.items():
+        if name:
+            shape = shapes.get(name, "not run")
+            shape = list(shape) if isinstance(shape, tuple) else shape
+            lines.append(f"{name:<{width}}  {type(module).__name__:<24}  {shape}")
+    default = list(cfg.model.layers) or [last_conv_block(model.module, shapes)]
+    lines.append(f"# default layers: {default}")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        print(layer_table(cfg))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    # A listing writes no run dir and no log file.
+    sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    main()

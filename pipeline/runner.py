@@ -1,0 +1,188 @@
+"""`run(cfg, out_dir)`: every check first, then batches from the DataLoader through each technique
+into the async HDF5/PNG writer. Re-running into the same dir skips inputs already in maps.h5."""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from pipeline.config import ConfigError, validate
+from pipeline.data import Source, build_source, make_loader
+from pipeline.io.h5 import MapsFile
+from pipeline.io.writer import AsyncWriter, BatchRecord
+from pipeline.models import LoadedModel, build_model, last_conv_block, probe_shapes, resolve_layers
+from pipeline.targets import TargetSpec
+from pipeline.techniques import Technique, get_technique
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class Summary:
+    out_dir: Path
+    done: int  # inputs computed by this call
+    rows: int  # rows in maps.h5 after this call
+    skipped: int  # skipped records added by this call
+    seconds: float
+    images_per_s: float
+    pngs: int
+
+    def line(self) -> str:
+        return (f"done {self.done} inputs ({self.rows} rows in maps.h5), skipped {self.skipped}, "
+                f"{self.seconds:.1f} s, {self.images_per_s:.1f} images/s -> {self.out_dir}")
+
+
+@dataclass
+class Plan:
+    """Everything checked and built before the first input is decoded."""
+
+    cfg: DictConfig
+    device: torch.device
+    model: LoadedModel
+    layers: List[str]
+    target: TargetSpec
+    techniques: Dict[str, Technique]
+    source: Source
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available; use device=auto or cpu")
+    return torch.device(name)
+
+
+def _as_config(cfg) -> DictConfig:
+    return cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+
+
+def plan(cfg) -> Plan:
+    """Validate the config, build model, techniques and source; raises ConfigError on any problem."""
+    cfg = _as_config(cfg)
+    validate(cfg)
+    try:
+        target = TargetSpec.parse(cfg.target)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    techniques: Dict[str, Technique] = {}
+    for name, options in cfg.technique.items():
+        try:
+            techniques[name] = get_technique(name)(**OmegaConf.to_container(options, resolve=True))
+        except (KeyError, TypeError) as err:
+            raise ConfigError(f"technique {name}: {err}") from None
+    source = build_source(cfg.data)  # missing path / empty folder fail here, before the model loads
+    device = resolve_device(cfg.device)
+    model = build_model(cfg.model, device)
+    shapes = probe_shapes(model.module, cfg.model.input_size, device)
+    layers = resolve_layers(model.module, cfg.layers) if cfg.layers else [last_conv_block(model.module, shapes)]
+    with torch.no_grad():
+        size = cfg.model.input_size
+        num_classes = model.module(torch.zeros(1, 3, size, size, device=device)).shape[-1]
+    try:
+        target.check(num_classes)
+        for technique in techniques.values():
+            if technique.uses_layers:
+                technique.check_layers({layer: shapes.get(layer) for layer in layers})
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return Plan(cfg, device, model, layers, target, techniques, source)
+
+
+def run_key(p: Plan) -> dict:
+    """What the rows of maps.h5 mean; a resumed run must match it."""
+    data = OmegaConf.to_container(p.cfg.data, resolve=True)
+    data.pop("limit", None)
+    return {
+        "model": OmegaConf.to_container(p.cfg.model, resolve=True),
+        "data": data,
+        "technique": OmegaConf.to_container(p.cfg.technique, resolve=True),
+        "layers": p.layers,
+        "target": str(p.cfg.target),
+    }
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(cfg, out_dir: str | Path) -> Summary:
+    """Run a config into `out_dir` (Hydra's run dir under the CLI); returns the closing summary."""
+    p = plan(cfg)
+    cfg = p.cfg
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    attrs = {"config": OmegaConf.to_yaml(cfg, resolve=True), "model": p.model.description,
+             "layers": ",".join(p.layers)}
+    maps_file = MapsFile(out_dir / "maps.h5", run_key(p), attrs)
+    if p.model.class_names:
+        maps_file.write_once("classes", np.array(p.model.class_names, dtype=object))
+    done_ids = maps_file.done_ids()
+    todo = [it for it in p.source.items if it.id not in done_ids]
+    pre_skipped = [s for s in p.source.skipped if s.id not in done_ids]
+    if done_ids:
+        log.info("resuming %s: %d inputs already done, %d to go", out_dir, len(done_ids), len(todo))
+    log.info("model %s on %s; layers %s; techniques %s; %d inputs", p.model.description, p.device,
+             p.layers, list(p.techniques), len(todo))
+
+    kinds = {name: dict(t.outputs) for name, t in p.techniques.items()}
+    writer = AsyncWriter(maps_file, out_dir, cfg.render, kinds, p.model.class_name)
+    skipped = len(pre_skipped)
+    done = 0
+    start = time.perf_counter()
+    try:
+        for s in pre_skipped:
+            log.warning("skipped %s: %s", s.id, s.reason)
+        if pre_skipped:
+            writer.put(pre_skipped)
+        loader = make_loader(p.source, todo, cfg.data.crop, p.model.preprocess, cfg.batch_size,
+                             cfg.num_workers, pin_memory=p.device.type == "cuda")
+        with tqdm(total=len(todo), unit="img", desc="pipeline", mininterval=1.0) as bar:
+            for batch in loader:
+                for s in batch.skipped:
+                    log.warning("skipped %s: %s", s.id, s.reason)
+                if batch.skipped:
+                    writer.put(batch.skipped)
+                    skipped += len(batch.skipped)
+                if batch.items:
+                    writer.put(_compute(p, batch))
+                    done += len(batch.items)
+                bar.update(len(batch.items) + len(batch.skipped))
+    finally:
+        writer.close()
+    seconds = time.perf_counter() - start
+    summary = Summary(out_dir, done, maps_file.rows, skipped, seconds,
+                      done / seconds if seconds > 0 else math.nan, writer.pngs)
+    log.info(summary.line())
+    return summary
+
+
+def _compute(p: Plan, batch) -> BatchRecord:
+    x = batch.x.to(p.device, non_blocking=True)
+    maps = {}
+    first = None
+    for name, technique in p.techniques.items():
+        result = technique.attribute(p.model.module, x, p.layers, p.target)
+        first = first or result
+        for (layer, output), tensor in result.maps.items():
+            maps[name, layer, output] = tensor.detach().cpu().numpy()
+    logits = first.logits.detach().float()
+    targets = first.targets
+    probs = logits.softmax(1).gather(1, targets)
+    return BatchRecord(
+        items=batch.items, display=batch.display,
+        targets=targets.cpu().numpy(), scores=probs.cpu().numpy(),
+        logits=logits.gather(1, targets).cpu().numpy(), maps=maps,
+    )

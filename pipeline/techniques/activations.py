@@ -1,0 +1,41 @@
+"""Feature maps of the chosen layers and the most activated channels per input."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.hooks import capture
+from pipeline.techniques.base import Result, Technique, register
+
+
+@register("activations")
+class Activations(Technique):
+    """Returns per layer: maps [N, C, h, w] (when store_maps), mean [N, C], topk [N, k] (channel ids
+    by mean activation, highest first). Layers with [N, C] outputs give maps [N, C]."""
+
+    outputs = {"maps": "channels", "mean": "data", "topk": "data"}
+
+    @dataclass
+    class Options:
+        topk: int = 8
+        store_maps: bool = True
+
+    def check_layers(self, shapes):
+        super().check_layers(shapes)
+        if self.options.topk < 1:
+            raise ValueError(f"activations.topk={self.options.topk} must be at least 1")
+
+    def _attribute(self, model, x, layers, target):
+        with torch.no_grad(), capture(model, layers) as acts:
+            logits = model(x)  # [N, classes]
+        maps = {}
+        for layer in layers:
+            a = acts[layer].float()  # [N, C, h, w] or [N, C]
+            mean = a.flatten(2).mean(2) if a.dim() > 2 else a  # [N, C]
+            k = min(self.options.topk, mean.shape[1])
+            maps[layer, "mean"] = mean
+            maps[layer, "topk"] = mean.topk(k, dim=1).indices  # [N, k]
+            if self.options.store_maps:
+                maps[layer, "maps"] = a
+        return Result(logits, target.select(logits), maps)
