@@ -128,7 +128,10 @@ def _checkpoint(path: str, arch: Optional[str], num_classes: Optional[int]) -> n
         state = state["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items()}
     model = _arch(arch, num_classes)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ConfigError(f"checkpoint {path} does not fit model.arch={arch!r}: {str(err)[:400]}") from None
     if missing or unexpected:
         raise ConfigError(
             f"checkpoint {path} does not fit model.arch={arch!r}: missing {missing[:5]}, unexpected {unexpected[:5]}"

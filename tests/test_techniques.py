@@ -1,0 +1,242 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.hooks import capture, hook_count
+from pipeline.targets import TargetSpec
+from pipeline.techniques import REGISTRY, get_technique, register
+from tests.tinymodels import tiny_net
+
+PRED = TargetSpec.parse("pred")
+
+
+def make(name, **options):
+    return get_technique(name)(**options)
+
+
+# -- registry ---------------------------------------------------------------------------------
+def test_registry_rejects_duplicates_and_lists_known_names():
+    with pytest.raises(ValueError, match="already registered"):
+        register("gradcam")(type("Again", (), {}))
+    with pytest.raises(KeyError) as err:
+        get_technique("gradcamm")
+    assert "activations" in str(err.value) and "gradcam" in str(err.value) and "saliency" in str(err.value)
+
+
+# -- every registered technique leaves the model as it found it ---------------------------------
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("raising", [False, True])
+def test_no_hooks_left_and_model_unchanged(name, raising):
+    model = tiny_net()
+    for p in model.parameters():
+        p.requires_grad_(True)  # a user model that is not frozen: still no parameter gradient
+    before = _state(model)
+    model.boom.armed = raising
+    x = torch.rand(2, 3, 16, 16)
+    technique = make(name)
+    if raising:
+        with pytest.raises(RuntimeError, match="boom"):
+            technique.attribute(model, x, ["relu1", "conv2"], TargetSpec.parse("topk:2"))
+    else:
+        result = technique.attribute(model, x, ["relu1", "conv2"], TargetSpec.parse("topk:2"))
+        assert result.targets.shape == (2, 2) and result.maps
+    assert hook_count(model) == 0
+    assert not model.training
+    assert all(p.grad is None for p in model.parameters())
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    assert model.relu1.inplace and model.relu2.inplace
+
+
+def test_attribute_refuses_training_mode():
+    model = tiny_net().train()
+    with pytest.raises(ValueError, match="eval"):
+        make("saliency").attribute(model, torch.rand(1, 3, 8, 8), [], PRED)
+
+
+# -- capture and inplace ReLUs ----------------------------------------------------------------
+def test_capture_keeps_values_before_inplace_relu():
+    model = tiny_net()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected_bn = model.bn1(model.conv1(x))
+        with capture(model, ["bn1", "relu1"]) as acts:
+            model(x)
+    assert hook_count(model) == 0
+    assert (acts["bn1"] < 0).any()  # not overwritten by the inplace ReLU that follows
+    torch.testing.assert_close(acts["bn1"], expected_bn)
+    torch.testing.assert_close(acts["relu1"], expected_bn.clamp_min(0))
+
+
+def test_capture_removes_hooks_when_the_model_raises():
+    model = tiny_net()
+    model.boom.armed = True
+    with pytest.raises(RuntimeError):
+        with capture(model, ["conv1", "boom"]):
+            model(torch.rand(1, 3, 8, 8))
+    assert hook_count(model) == 0
+
+
+# -- activations ------------------------------------------------------------------------------
+def test_activations_maps_means_and_topk():
+    model = tiny_net()
+    x = torch.rand(3, 3, 16, 16)
+    result = make("activations", topk=4).attribute(model, x, ["relu2", "fc"], PRED)
+    with torch.no_grad():
+        feat = model.relu2(model.conv2(model.relu1(model.bn1(model.conv1(x))))).clone()
+        logits = model(x)
+    torch.testing.assert_close(result.maps["relu2", "maps"], feat)
+    torch.testing.assert_close(result.maps["relu2", "mean"], feat.mean((2, 3)))
+    assert torch.equal(result.maps["relu2", "topk"], feat.mean((2, 3)).topk(4, 1).indices)
+    torch.testing.assert_close(result.maps["fc", "mean"], logits)  # [N, C] layers work too
+    assert torch.equal(result.targets[:, 0], logits.argmax(1))
+
+
+# -- saliency against a gradient worked out by hand ---------------------------------------------
+class HandNet(nn.Module):
+    """logit_c = sum_p V[c, p] * relu(a . x_p + b) + d_c over the pixels p of a 3x4x4 input."""
+
+    def __init__(self, a, b, V, d):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(16, V.shape[0])
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor(a).view(1, 3, 1, 1))
+            self.conv.bias.fill_(b)
+            self.fc.weight.copy_(torch.tensor(V))
+            self.fc.bias.copy_(torch.tensor(d))
+
+    def forward(self, x):
+        return self.fc(self.relu(self.conv(x)).flatten(1))
+
+
+def test_saliency_equals_hand_computed_gradient():
+    rng = np.random.default_rng(3)
+    a, b = np.array([0.5, -1.0, 2.0], np.float32), 0.1
+    V, d = rng.normal(size=(4, 16)).astype(np.float32), rng.normal(size=4).astype(np.float32)
+    x = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
+    model = HandNet(a, b, V, d).eval()
+    result = make("saliency").attribute(model, torch.tensor(x), [], TargetSpec.parse("2"))
+    # d logit_2 / d x[c, p] = V[2, p] * a[c] * [a . x_p + b > 0]
+    pre = np.einsum("c,nchw->nhw", a, x) + b
+    expected = V[2].reshape(1, 1, 4, 4) * a.reshape(1, 3, 1, 1) * (pre > 0)[:, None]
+    np.testing.assert_allclose(result.maps["input", "grad"][:, 0].numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.maps["input", "maxabs"][:, 0].numpy(), np.abs(expected).max(1), rtol=1e-5)
+    assert result.targets.tolist() == [[2], [2]]
+
+
+# -- Grad-CAM ---------------------------------------------------------------------------------
+class RegionNet(nn.Module):
+    """Class 0's score depends on the input inside one box only (the rest is masked out)."""
+
+    def __init__(self, box=(8, 16, 20, 28)):  # rows 8..15, cols 20..27 of a 32x32 input
+        super().__init__()
+        mask = torch.zeros(1, 1, 32, 32)
+        mask[..., box[0]:box[1], box[2]:box[3]] = 1
+        self.register_buffer("mask", mask)
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1, bias=False)
+        self.relu2 = nn.ReLU()
+        self.fc = nn.Linear(8, 2)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            self.conv1.weight.uniform_(0, 0.2)
+            self.conv2.weight.uniform_(-0.05, 0.2)
+            self.fc.weight.copy_(torch.tensor([[1.0] * 8, [-1.0] * 8]))
+
+    def forward(self, x):
+        x = self.relu2(self.conv2(self.relu1(self.conv1(x * self.mask))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_gradcam_puts_its_mass_in_the_region_that_drives_the_class():
+    model = RegionNet().eval()
+    x = torch.rand(3, 3, 32, 32)
+    cams = make("gradcam").attribute(model, x, ["relu1", "relu2"], TargetSpec.parse("0")).maps
+    inside = torch.zeros(32, 32, dtype=torch.bool)
+    inside[8 - 2:16 + 2, 20 - 2:28 + 2] = True  # the box, grown by the two 3x3 convs' reach
+    for layer in ("relu1", "relu2"):
+        cam = cams[layer, "cam"][:, 0]  # [N, 32, 32]
+        assert cam.sum() > 0
+        fraction = cam[:, inside].sum() / cam.sum()
+        assert fraction > 0.99, (layer, float(fraction))
+
+
+def test_gradcam_many_layers_in_one_pass_equal_one_at_a_time():
+    model = tiny_net()
+    x = torch.rand(4, 3, 16, 16)
+    together = make("gradcam").attribute(model, x, ["relu1", "conv2", "relu2"], PRED).maps
+    for layer in ("relu1", "conv2", "relu2"):
+        alone = make("gradcam").attribute(model, x, [layer], PRED).maps
+        torch.testing.assert_close(together[layer, "cam"], alone[layer, "cam"])
+
+
+def test_gradcam_matches_the_formula():
+    model = tiny_net()
+    x = torch.rand(2, 3, 16, 16)
+    cam = make("gradcam", relu=False).attribute(model, x, ["relu2"], TargetSpec.parse("3")).maps["relu2", "cam"]
+    with torch.enable_grad():
+        feat = model.relu2(model.conv2(model.relu1(model.bn1(model.conv1(x))))).detach().requires_grad_()
+        score = model.fc(model.pool(feat).flatten(1))[:, 3].sum()
+        (grad,) = torch.autograd.grad(score, feat)
+    expected = (grad.mean((2, 3), keepdim=True) * feat).sum(1)
+    torch.testing.assert_close(cam[:, 0], expected.detach())
+
+
+class CountBackward(torch.autograd.Function):
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        CountBackward.calls += 1
+        return grad
+
+
+class Counted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_net()
+
+    def forward(self, x):
+        n = self.net
+        x = CountBackward.apply(n.relu1(n.bn1(n.conv1(x))))  # below the chosen layer
+        return n.fc(n.pool(n.relu2(n.conv2(x))).flatten(1))
+
+
+def test_gradcam_backward_stops_at_the_shallowest_layer():
+    model = Counted().eval()
+    x = torch.rand(2, 3, 16, 16)
+    CountBackward.calls = 0
+    make("gradcam").attribute(model, x, ["net.conv2", "net.relu2"], TargetSpec.parse("topk:2"))
+    assert CountBackward.calls == 0
+    make("saliency").attribute(model, x, [], PRED)
+    assert CountBackward.calls == 1  # the counter does count when the backward passes through
+
+
+def test_gradcam_rejects_a_layer_without_a_feature_map():
+    with pytest.raises(ValueError, match="fc"):
+        make("gradcam").check_layers({"fc": (1, 10)})
+
+
+def test_topk_targets_give_one_map_per_target():
+    model = tiny_net()
+    x = torch.rand(2, 3, 16, 16)
+    result = make("gradcam").attribute(model, x, ["relu2"], TargetSpec.parse("topk:3"))
+    assert result.maps["relu2", "cam"].shape == (2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(result.targets, model(x).topk(3, 1).indices)
+    k1 = make("gradcam").attribute(model, x, ["relu2"], TargetSpec("index", int(result.targets[0, 1])))
+    torch.testing.assert_close(k1.maps["relu2", "cam"][0, 0], result.maps["relu2", "cam"][0, 1])

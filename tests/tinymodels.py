@@ -1,0 +1,54 @@
+"""Tiny models built in code for exact checks (importable as "tests.tinymodels:Class")."""
+import time
+
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """conv-bn-relu(inplace) -> conv-relu(inplace) -> pool -> fc; layers conv1 ... fc."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.boom = Boom()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, num_classes)
+        with torch.no_grad():  # non-trivial BN statistics so "buffers unchanged" means something
+            self.bn1.running_mean.uniform_(-0.1, 0.1)
+            self.bn1.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.boom(self.relu2(self.conv2(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class Boom(nn.Module):
+    """Identity, or raises when armed: a model that fails mid-forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.armed = False
+
+    def forward(self, x):
+        if self.armed:
+            raise RuntimeError("boom")
+        return x
+
+
+class SlowNet(TinyNet):
+    """TinyNet that sleeps in every forward, so a test can kill a run part-way."""
+
+    def forward(self, x):
+        time.sleep(0.25)
+        return super().forward(x)
+
+
+def tiny_net(seed: int = 0, num_classes: int = 10) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet(num_classes).eval()
