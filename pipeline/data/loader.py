@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -53,7 +52,8 @@ def _collate(samples) -> Batch:
 
 
 def _worker_init(_: int) -> None:
-    cv2.setNumThreads(1)
+    # No cv2.setNumThreads() here: in a forked worker it deadlocks once the parent has used
+    # OpenCV's thread pool (seen with VideoCapture); OpenCV copes with the fork by itself.
     torch.set_num_threads(1)
 
 

@@ -1,8 +1,9 @@
 """Frames of one video file (OpenCV), each frame one input with its frame index."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import cv2
 import numpy as np
@@ -41,27 +42,29 @@ class VideoSource(Source):
                 f"{name}@{past[0]:06d}", self.path, past[0],
                 f"frames {past[0]}..{past[-1]} ({len(past)} frames) are past the end of the video ({count} frames)",
             ))
-        self._cap = None  # opened lazily in each DataLoader worker
-        self._next = -1  # frame index the open capture will decode next
+        # One capture per process, opened lazily: a forked DataLoader worker must not touch a
+        # capture inherited from its parent (its decoder threads do not exist in the child).
+        self._caps: Dict[int, list] = {}  # pid -> [capture, next frame it will decode]
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_cap"], state["_next"] = None, -1
+        state["_caps"] = {}
         return state
 
     def read(self, item: Item) -> np.ndarray:
-        if self._cap is None:
-            self._cap = cv2.VideoCapture(self.path)
-        cap = self._cap
-        gap = item.frame - self._next
-        if 0 <= gap <= 64:  # short forward hop: decode through instead of seeking
+        entry = self._caps.get(os.getpid())
+        if entry is None:
+            entry = self._caps[os.getpid()] = [cv2.VideoCapture(self.path), -1]
+        cap, next_frame = entry
+        gap = item.frame - next_frame
+        if next_frame >= 0 and 0 <= gap <= 64:  # short forward hop: decode through, no seek
             for _ in range(gap):
                 cap.grab()
         else:
             cap.set(cv2.CAP_PROP_POS_FRAMES, item.frame)
         ok, frame = cap.read()
         if not ok or frame is None:
-            self._next = -1
+            entry[1] = -1
             raise BadItem(f"cannot decode frame {item.frame}")
-        self._next = item.frame + 1
+        entry[1] = item.frame + 1
         return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)

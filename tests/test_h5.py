@@ -1,0 +1,54 @@
+import h5py
+import numpy as np
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.data import Skip
+from pipeline.io.h5 import MapsFile
+
+
+def columns(start, n):
+    ids = np.array([f"in{i}" for i in range(start, start + n)], dtype=object)
+    return {"id": ids, "score": np.arange(start, start + n, dtype=np.float32)[:, None],
+            "gradcam/layer4/cam": np.full((n, 1, 7, 7), start, np.float32)}
+
+
+def test_append_reopen_and_done_ids(tmp_path):
+    f = MapsFile(tmp_path / "maps.h5", {"k": 1}, {"config": "a: 1"})
+    assert f.append(columns(0, 3)) == 0 and f.append(columns(3, 2)) == 3
+    f.append_skipped([Skip("bad.jpg", "/x/bad.jpg", -1, "cannot decode")])
+    f.close()
+    f = MapsFile(tmp_path / "maps.h5", {"k": 1})
+    assert f.done_ids() == {"in0", "in1", "in2", "in3", "in4", "bad.jpg"}
+    f.close()
+    with h5py.File(tmp_path / "maps.h5", "r") as h:
+        assert h["gradcam/layer4/cam"].shape == (5, 1, 7, 7)
+        assert h["gradcam/layer4/cam"].chunks[1:] == (1, 7, 7)
+        assert h["gradcam/layer4/cam"].compression == "lzf"
+        assert h["skipped/reason"][0].decode() == "cannot decode"
+        assert h.attrs["config"] == "a: 1"
+
+
+def test_uncommitted_rows_are_dropped_on_reopen(tmp_path):
+    f = MapsFile(tmp_path / "maps.h5", {"k": 1})
+    f.append(columns(0, 4))
+    f.f["id"].resize(6, axis=0)  # a batch half-written when the process died
+    f.f["score"].resize(6, axis=0)
+    f.close()
+    f = MapsFile(tmp_path / "maps.h5", {"k": 1})
+    assert f.rows == 4 and f.f["id"].shape == (4,) and f.f["score"].shape == (4, 1)
+    f.append(columns(4, 2))
+    assert [s.decode() for s in f.f["id"][:]] == [f"in{i}" for i in range(6)]
+    f.close()
+
+
+def test_other_run_key_refuses_to_resume(tmp_path):
+    MapsFile(tmp_path / "maps.h5", {"layers": ["a"]}).close()
+    with pytest.raises(ConfigError, match="different"):
+        MapsFile(tmp_path / "maps.h5", {"layers": ["b"]})
+
+
+def test_unreadable_file_gives_a_clear_error(tmp_path):
+    (tmp_path / "maps.h5").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="cannot be opened"):
+        MapsFile(tmp_path / "maps.h5", {})
