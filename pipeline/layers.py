@@ -2,6 +2,7 @@
 import sys
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
 from pipeline.config import CONF_DIR, ConfigError, register_configs
@@ -13,6 +14,8 @@ register_configs()
 def layer_table(cfg: DictConfig) -> str:
     """One line per module: name, type, output shape for one [1, 3, S, S] input."""
     model = build_model(cfg.model, "cpu")
+    if isinstance(model.module, torch.jit.ScriptModule):
+        raise ConfigError("a TorchScript model cannot be hooked, so its layers cannot be listed")
     shapes = probe_shapes(model.module, cfg.model.input_size)
     modules = dict(model.module.named_modules())
     width = max(len(n) for n in modules)

@@ -83,17 +83,24 @@ def plan(cfg) -> Plan:
     source = build_source(cfg.data)  # missing path / empty folder fail here, before the model loads
     device = resolve_device(cfg.device)
     model = build_model(cfg.model, device)
-    shapes = probe_shapes(model.module, cfg.model.input_size, device)
-    layers = resolve_layers(model.module, cfg.layers) if cfg.layers else [last_conv_block(model.module, shapes)]
+    size = cfg.model.input_size
     with torch.no_grad():
-        size = cfg.model.input_size
         num_classes = model.module(torch.zeros(1, 3, size, size, device=device)).shape[-1]
+    layers: List[str] = []
+    layered = [t for t in techniques.values() if t.uses_layers]
+    if layered and isinstance(model.module, torch.jit.ScriptModule):
+        raise ConfigError(
+            f"{[t.name for t in layered]} need the model's layers, and a TorchScript model cannot be "
+            "hooked; use an input-space technique (technique=saliency) or save a state dict and set model.arch"
+        )
     try:
         target.check(num_classes)
-        for technique in techniques.values():
-            if technique.uses_layers:
+        if layered:
+            shapes = probe_shapes(model.module, size, device)
+            layers = resolve_layers(model.module, cfg.layers) if cfg.layers else [last_conv_block(model.module, shapes)]
+            for technique in layered:
                 technique.check_layers({layer: shapes.get(layer) for layer in layers})
-    except ValueError as err:
+    except ValueError as err:  # ConfigError included
         raise ConfigError(str(err)) from None
     return Plan(cfg, device, model, layers, target, techniques, source)
 

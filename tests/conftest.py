@@ -54,10 +54,18 @@ def torchscript_model(tmp_path):
     return path
 
 
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    path = tmp_path / "tiny_state.pt"
+    torch.save(tiny_net().state_dict(), path)
+    return path
+
+
 def tiny_overrides(model_path, data_path, *extra):
-    """Overrides for a fast run of the tiny TorchScript model on 32 px inputs."""
+    """Overrides for a fast run of TinyNet (a state-dict checkpoint) on 32 px inputs."""
     return (
-        "model=checkpoint", f"model.path={model_path}", "model.input_size=32", "model.resize=32",
+        "model=checkpoint", f"model.path={model_path}", "model.arch=tests.tinymodels:TinyNet",
+        "model.num_classes=10", "model.input_size=32", "model.resize=32",
         "data=folder", f"data.path={data_path}", "num_workers=0", "batch_size=3", *extra,
     )
 
