@@ -100,12 +100,11 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"data.kind={cfg.data.kind!r}: expected one of {DATA_KINDS}")
     if not _TARGET.match(str(cfg.target)):
         raise ConfigError(f"target={cfg.target!r}: expected pred, a class index, or topk:<k>")
-    for key in ("batch_size",):
-        if cfg[key] < 1:
-            raise ConfigError(f"{key}={cfg[key]} must be at least 1")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be at least 1")
     if cfg.num_workers < 0:
         raise ConfigError(f"num_workers={cfg.num_workers} must be 0 or more")
-    if not re.match(r"^(auto|cpu|cuda(:\d+)?|mps)$", cfg.device):
+    if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", cfg.device):
         raise ConfigError(f"device={cfg.device!r}: expected auto, cpu, cuda or cuda:N")
     if cfg.data.limit is not None and cfg.data.limit < 1:
         raise ConfigError(f"data.limit={cfg.data.limit} must be at least 1 (or null)")

@@ -31,6 +31,7 @@ class LoadedModel:
     preprocess: Preprocess
     class_names: Optional[List[str]]  # ImageNet names where known
     description: str
+    num_classes: int
 
     def class_name(self, index: int) -> str:
         if self.class_names and 0 <= index < len(self.class_names):
@@ -169,19 +170,11 @@ def build_model(cfg, device: torch.device | str = "cpu") -> LoadedModel:
     for p in model.parameters():
         p.requires_grad_(False)
     preprocess = Preprocess(cfg.input_size, cfg.resize, cfg.interpolation, mean, std)
-    loaded = LoadedModel(model, preprocess, names, desc)
-    if names is None:
-        num = num_classes_of(loaded)
-        loaded.class_names = imagenet_classes() if num == 1000 else None
-    return loaded
-
-
-def num_classes_of(loaded: LoadedModel) -> int:
-    device = next(iter(loaded.module.parameters()), torch.empty(0)).device
-    size = loaded.preprocess.input_size
     with torch.no_grad():
-        out = loaded.module(torch.zeros(1, 3, size, size, device=device))
-    return int(out.shape[-1])
+        num_classes = int(model(torch.zeros(1, 3, cfg.input_size, cfg.input_size, device=device)).shape[-1])
+    if names is None and num_classes == 1000:
+        names = imagenet_classes()
+    return LoadedModel(model, preprocess, names, desc, num_classes)
 
 
 def layer_names(model: nn.Module) -> List[str]:

@@ -83,9 +83,6 @@ def plan(cfg) -> Plan:
     source = build_source(cfg.data)  # missing path / empty folder fail here, before the model loads
     device = resolve_device(cfg.device)
     model = build_model(cfg.model, device)
-    size = cfg.model.input_size
-    with torch.no_grad():
-        num_classes = model.module(torch.zeros(1, 3, size, size, device=device)).shape[-1]
     layers: List[str] = []
     layered = [t for t in techniques.values() if t.uses_layers]
     if layered and isinstance(model.module, torch.jit.ScriptModule):
@@ -94,9 +91,9 @@ def plan(cfg) -> Plan:
             "hooked; use an input-space technique (technique=saliency) or save a state dict and set model.arch"
         )
     try:
-        target.check(num_classes)
+        target.check(model.num_classes)
         if layered:
-            shapes = probe_shapes(model.module, size, device)
+            shapes = probe_shapes(model.module, cfg.model.input_size, device)
             layers = resolve_layers(model.module, cfg.layers) if cfg.layers else [last_conv_block(model.module, shapes)]
             for technique in layered:
                 technique.check_layers({layer: shapes.get(layer) for layer in layers})
