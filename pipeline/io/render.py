@@ -107,6 +107,8 @@ def technique_rows(
     channels [C, h, w]     -> the `channels` most activated channels, each in `colormap`
     """
     side = image.shape[0]
+    if targets:
+        title = f"{title} | {targets[0][0]} {targets[0][1]:.2f}"
     first = label(image, title, size)
     rows: List[List[Tile]] = []
     for (layer, output), m in maps.items():
