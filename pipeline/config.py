@@ -69,8 +69,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     technique: Dict[str, Any] = field(default_factory=dict)
     layers: List[str] = II("model.layers")  # module names or glob patterns
-    target: str = "pred"  # pred | <int> | topk:<k>
+    target: str = "pred"  # pred | <int> | topk:<k> | "<class name>"
     batch_size: int = 16
+    max_batch: int = 64  # memory budget: most rows in one forward when a technique expands the batch
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     num_workers: int = 2
@@ -79,7 +80,7 @@ class Config:
 
 MODEL_KINDS = ("efficientnet_lite0", "torchvision", "timm", "checkpoint")
 DATA_KINDS = ("samples", "folder", "video")
-_TARGET = re.compile(r"^(pred|\d+|topk:[1-9]\d*)$")
+_TOPK = re.compile(r"^topk:[1-9]\d*$")
 
 
 def register_configs() -> None:
@@ -98,8 +99,10 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"model.kind={cfg.model.kind!r}: expected one of {MODEL_KINDS}")
     if cfg.data.kind not in DATA_KINDS:
         raise ConfigError(f"data.kind={cfg.data.kind!r}: expected one of {DATA_KINDS}")
-    if not _TARGET.match(str(cfg.target)):
-        raise ConfigError(f"target={cfg.target!r}: expected pred, a class index, or topk:<k>")
+    if str(cfg.target).startswith("topk:") and not _TOPK.match(str(cfg.target)):
+        raise ConfigError(f"target={cfg.target!r}: topk needs a whole number >= 1, e.g. topk:3")
+    if cfg.max_batch < 1:
+        raise ConfigError(f"max_batch={cfg.max_batch} must be at least 1")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size} must be at least 1")
     if cfg.num_workers < 0:

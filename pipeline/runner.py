@@ -21,7 +21,7 @@ from pipeline.io.h5 import MapsFile
 from pipeline.io.writer import AsyncWriter, BatchRecord
 from pipeline.models import LoadedModel, build_model, last_conv_block, probe_shapes, resolve_layers
 from pipeline.targets import TargetSpec
-from pipeline.techniques import Technique, get_technique
+from pipeline.techniques import Pass, Technique, get_technique
 
 log = logging.getLogger("pipeline")
 
@@ -70,10 +70,6 @@ def plan(cfg) -> Plan:
     """Validate the config, build model, techniques and source; raises ConfigError on any problem."""
     cfg = _as_config(cfg)
     validate(cfg)
-    try:
-        target = TargetSpec.parse(cfg.target)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
     techniques: Dict[str, Technique] = {}
     for name, options in cfg.technique.items():
         try:
@@ -83,6 +79,10 @@ def plan(cfg) -> Plan:
     source = build_source(cfg.data)  # missing path / empty folder fail here, before the model loads
     device = resolve_device(cfg.device)
     model = build_model(cfg.model, device)
+    try:
+        target = TargetSpec.parse(cfg.target, model.class_names)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     layers: List[str] = []
     layered = [t for t in techniques.values() if t.uses_layers]
     if layered and isinstance(model.module, torch.jit.ScriptModule):
@@ -175,15 +175,17 @@ def run(cfg, out_dir: str | Path) -> Summary:
 
 def _compute(p: Plan, batch) -> BatchRecord:
     x = batch.x.to(p.device, non_blocking=True)
+    needs = frozenset().union(*(t.needs for t in p.techniques.values()))
+    generator = torch.Generator(device=x.device).manual_seed(p.cfg.seed)
+    shared = Pass(p.model.module, x, p.layers, p.target, max_batch=p.cfg.max_batch, needs=needs,
+                  generator=generator)
     maps = {}
-    first = None
     for name, technique in p.techniques.items():
-        result = technique.attribute(p.model.module, x, p.layers, p.target)
-        first = first or result
+        result = technique.attribute(p.model.module, x, p.layers, p.target, shared=shared)
         for (layer, output), tensor in result.maps.items():
             maps[name, layer, output] = tensor.detach().cpu().numpy()
-    logits = first.logits.detach().float()
-    targets = first.targets
+    logits = shared.logits.float()
+    targets = shared.targets
     probs = logits.softmax(1).gather(1, targets)
     return BatchRecord(
         items=batch.items, display=batch.display,

@@ -1,7 +1,9 @@
-"""Which class each map explains: `target=pred | <int> | topk:<k>`."""
+"""Which class each map explains: `target=pred | <int> | topk:<k> | "<class name>"`."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
@@ -12,15 +14,28 @@ class TargetSpec:
     value: int = 1  # class index for "index", k for "topk"
 
     @classmethod
-    def parse(cls, text: str | int) -> "TargetSpec":
+    def parse(cls, text: str | int, class_names: Optional[Sequence[str]] = None) -> "TargetSpec":
+        """pred, a class index, topk:<k>, or a class name looked up in `class_names`
+        (case-insensitive); an unknown name raises ValueError listing the closest names."""
         text = str(text).strip()
         if text == "pred":
             return cls("pred")
         if text.isdigit():
             return cls("index", int(text))
-        if text.startswith("topk:") and text[5:].isdigit() and int(text[5:]) >= 1:
-            return cls("topk", int(text[5:]))
-        raise ValueError(f"target={text!r}: expected pred, a class index, or topk:<k>")
+        if text.startswith("topk:"):
+            if text[5:].isdigit() and int(text[5:]) >= 1:
+                return cls("topk", int(text[5:]))
+            raise ValueError(f"target={text!r}: topk needs a whole number >= 1, e.g. topk:3")
+        if not class_names:
+            raise ValueError(f"target={text!r}: expected pred, a class index or topk:<k> "
+                             "(this model has no class names to look a name up in)")
+        lowered = [name.lower() for name in class_names]
+        if text.lower() in lowered:
+            return cls("index", lowered.index(text.lower()))
+        close = difflib.get_close_matches(text.lower(), lowered, n=5, cutoff=0.5)
+        close += [n for n in lowered if text.lower() in n and n not in close][: 5 - len(close)]
+        names = ", ".join(repr(class_names[lowered.index(c)]) for c in close)
+        raise ValueError(f"target={text!r} is not a class name of this model; closest: {names or 'none'}")
 
     @property
     def k(self) -> int:

@@ -55,8 +55,8 @@ def test_unknown_group_option_lists_known(make_cfg):
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ("target=best", "target"),
     ("target=topk:0", "target"),
+    ("target=topk:x", "target"),
     ("batch_size=0", "batch_size"),
     ("device=gpu", "device"),
     ("data.crop=[1,2,3]", "data.crop"),

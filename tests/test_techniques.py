@@ -240,3 +240,14 @@ def test_topk_targets_give_one_map_per_target():
         assert torch.equal(result.targets, model(x).topk(3, 1).indices)
     k1 = make("gradcam").attribute(model, x, ["relu2"], TargetSpec("index", int(result.targets[0, 1])))
     torch.testing.assert_close(k1.maps["relu2", "cam"][0, 0], result.maps["relu2", "cam"][0, 1])
+
+
+def test_target_by_class_name_and_close_names_on_a_miss():
+    names = ["tabby", "tiger cat", "Egyptian cat", "espresso"]
+    assert TargetSpec.parse("Egyptian cat", names) == TargetSpec("index", 2)
+    assert TargetSpec.parse("egyptian CAT", names) == TargetSpec("index", 2)
+    with pytest.raises(ValueError) as err:
+        TargetSpec.parse("egyptan cat", names)
+    assert "'Egyptian cat'" in str(err.value)
+    with pytest.raises(ValueError, match="no class names"):
+        TargetSpec.parse("cat", None)

@@ -3,18 +3,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from pipeline.hooks import capture
-from pipeline.techniques.base import Result, Technique, register
+from pipeline.techniques.base import ACTS, Technique, register
 
 
 @register("activations")
 class Activations(Technique):
-    """Returns per layer: maps [N, C, h, w] (when store_maps), mean [N, C], topk [N, k] (channel ids
-    by mean activation, highest first). Layers with [N, C] outputs give maps [N, C]."""
+    """Per layer: maps [N, C, ...] (when store_maps), mean [N, C], topk [N, k] (channel ids by mean
+    activation, highest first). Layers with [N, C] outputs give maps [N, C]."""
 
     outputs = {"maps": "channels", "mean": "data", "topk": "data"}
+    needs = frozenset({ACTS})
 
     @dataclass
     class Options:
@@ -26,16 +24,13 @@ class Activations(Technique):
         if self.options.topk < 1:
             raise ValueError(f"activations.topk={self.options.topk} must be at least 1")
 
-    def _attribute(self, model, x, layers, target):
-        with torch.no_grad(), capture(model, layers) as acts:
-            logits = model(x)  # [N, classes]
+    def _attribute(self, p):
         maps = {}
-        for layer in layers:
-            a = acts[layer].float()  # [N, C, h, w] or [N, C]
+        for layer, a in p.activations().items():
+            a = a.float()  # [N, C, h, w] or [N, C]
             mean = a.flatten(2).mean(2) if a.dim() > 2 else a  # [N, C]
-            k = min(self.options.topk, mean.shape[1])
             maps[layer, "mean"] = mean
-            maps[layer, "topk"] = mean.topk(k, dim=1).indices  # [N, k]
+            maps[layer, "topk"] = mean.topk(min(self.options.topk, mean.shape[1]), dim=1).indices  # [N, k]
             if self.options.store_maps:
                 maps[layer, "maps"] = a
-        return Result(logits, target.select(logits), maps)
+        return maps

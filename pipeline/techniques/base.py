@@ -1,27 +1,34 @@
-"""Technique base class and registry.
+"""Technique base class, registry, and the per-batch `Pass` that techniques share.
 
 A technique is one small class registered by name. `attribute()` is the public entry: it checks
-the batch and the model state, then calls `_attribute()`, which does the maths and returns raw
-tensors. Upsampling, normalisation, colouring, HDF5 and PNG live elsewhere (pipeline.io).
+the batch and the model state, builds a `Pass`, and calls `_attribute(p)`, which does the maths and
+returns raw tensors. Upsampling, normalisation, colouring, HDF5 and PNG live elsewhere (pipeline.io).
+
+The runner builds ONE `Pass` per batch for all techniques of a run, so computations they have in
+common (the logits and targets, the layer activations and their gradients, the input gradient) run
+once. Each technique declares which of them it uses in `needs`, so that e.g. `activations` next to
+`gradcam` reads its maps off Grad-CAM's forward pass instead of running its own.
 
 Each technique declares its `outputs`: output name -> how it is drawn
-  "heatmap"  [N, K, h, w]      one map per target, drawn over the input
-  "gradient" [N, K, 3, H, W]   a signed input-space map, drawn as colour and grey images
-  "channels" [N, C, h, w]      feature maps, the top channels drawn as a grid
-  "data"     any shape          stored, not drawn
+  "heatmap"  [N, K, h, w] or [N, K, T, h, w]    one map per target, drawn over the input
+  "gradient" [N, K, 3, H, W] or [N, K, 3, T, H, W]  a signed input-space map: colour and grey images
+  "channels" [N, C, h, w]                        feature maps, the top channels drawn as a grid
+  "data"     any shape                           stored, not drawn
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Sequence, Tuple, Type
+from typing import Any, Callable, ClassVar, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
 
+from pipeline.hooks import capture
 from pipeline.targets import TargetSpec
 
 REGISTRY: Dict[str, Type["Technique"]] = {}
 INPUT = "input"  # the pseudo-layer name of maps in input space
+ACTS, LAYER_GRADS, INPUT_GRADS = "acts", "layer_grads", "input_grads"
 
 
 def register(name: str):
@@ -51,10 +58,144 @@ class Result:
     maps: Dict[Tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (layer, output) -> [N, ...]
 
 
+def chunks(total: int, size: int) -> Iterator[slice]:
+    """Slices covering range(total) in pieces of at most `size` (the memory budget max_batch)."""
+    for start in range(0, total, max(1, size)):
+        yield slice(start, min(total, start + size))
+
+
+class Pass:
+    """Computations on one batch x [N, C, (T,) H, W], each run at most once and shared.
+
+    Every accessor is lazy and memoized. `needs` (the union over the run's techniques) lets the
+    first request pick the pass that serves the most: with layer gradients needed, the
+    activations come from that same forward pass.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, layers: Sequence[str], target: TargetSpec,
+                 *, max_batch: int = 64, needs: FrozenSet[str] = frozenset(),
+                 generator: Optional[torch.Generator] = None):
+        self.model, self.x, self.layers, self.target = model, x, list(layers), target
+        self.max_batch, self.needs = max_batch, needs
+        # Random draws (noise samples, random baselines) come from this generator, on x's device.
+        self.generator = generator or torch.Generator(device=x.device).manual_seed(0)
+        self._memo: Dict[str, Any] = {}
+        self._logits: Optional[torch.Tensor] = None
+        self._targets: Optional[torch.Tensor] = None
+        self._acts: Optional[Dict[str, torch.Tensor]] = None
+        self._layer_grads: Optional[Dict[str, torch.Tensor]] = None
+        self._input_grads: Optional[torch.Tensor] = None
+
+    # -- logits and targets ---------------------------------------------------------------------
+    def _set_logits(self, logits: torch.Tensor) -> None:
+        if self._logits is None:
+            self._logits = logits.detach()
+            self._targets = self.target.select(self._logits)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """[N, classes] from whichever forward pass ran first."""
+        if self._logits is None:
+            if LAYER_GRADS in self.needs and self.layers:
+                self.layer_grads()
+            elif INPUT_GRADS in self.needs:
+                self.input_grads()
+            elif self.layers:
+                self.activations()
+            else:
+                with torch.no_grad():
+                    self._set_logits(self.model(self.x))
+        return self._logits
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """[N, K] class indices, chosen once per batch so every technique explains the same classes."""
+        self.logits
+        return self._targets
+
+    # -- shared passes ----------------------------------------------------------------------------
+    def activations(self) -> Dict[str, torch.Tensor]:
+        """{layer: [N, C, ...]} detached outputs of the chosen layers."""
+        if self._acts is None:
+            if LAYER_GRADS in self.needs:
+                self.layer_grads()
+            else:
+                with torch.no_grad(), capture(self.model, self.layers) as acts:
+                    self._set_logits(self.model(self.x))
+                self._acts = dict(acts)
+        return self._acts
+
+    def layer_grads(self) -> Dict[str, torch.Tensor]:
+        """{layer: [N, K, C, ...]} d(target logit)/d(layer output), every layer from one forward and
+        one backward per target; the backward stops at the shallowest chosen layer."""
+        if self._layer_grads is None:
+            with torch.enable_grad(), capture(self.model, self.layers, grad=True) as acts:
+                logits = self.model(self.x)  # [N, classes]
+            self._set_logits(logits)
+            feats = [acts[layer] for layer in self.layers]
+            per_target: List[Tuple[torch.Tensor, ...]] = []
+            K = self.targets.shape[1]
+            for k in range(K):
+                grads = torch.autograd.grad(target_scores(logits, self.targets, k), feats,
+                                            retain_graph=k < K - 1, allow_unused=True)
+                for layer, g in zip(self.layers, grads):
+                    if g is None:
+                        raise ValueError(f"the class score does not depend on layer {layer!r}")
+                per_target.append(grads)
+            self._layer_grads = {layer: torch.stack([g[i] for g in per_target], 1)
+                                 for i, layer in enumerate(self.layers)}
+            if self._acts is None:
+                self._acts = {layer: a.detach() for layer, a in zip(self.layers, feats)}
+        return self._layer_grads
+
+    def input_grads(self) -> torch.Tensor:
+        """[N, K, C, (T,) H, W] d(target logit)/d(input)."""
+        if self._input_grads is None:
+            x = self.x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = self.model(x)
+            self._set_logits(logits)
+            K = self.targets.shape[1]
+            grads = [torch.autograd.grad(target_scores(logits, self.targets, k), x, retain_graph=k < K - 1)[0]
+                     for k in range(K)]
+            self._input_grads = torch.stack(grads, 1)
+        return self._input_grads
+
+    def shared(self, key: str, compute: Callable[[], Any]) -> Any:
+        """Memoize any other computation several techniques use (e.g. a guided-backprop pass)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    # -- helpers for techniques that expand the batch (samples, steps, masks, windows) --------
+    def batched_scores(self, inputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Target logits of many inputs, no grad, at most max_batch per forward.
+
+        inputs [M, C, ...], classes [M] -> [M]."""
+        out = torch.empty(inputs.shape[0], device=inputs.device)
+        with torch.no_grad():
+            for s in chunks(inputs.shape[0], self.max_batch):
+                out[s] = self.model(inputs[s]).gather(1, classes[s, None])[:, 0]
+        return out
+
+    def batched_input_grads(self, inputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """d(logit of classes[m])/d(inputs[m]) for many inputs, at most max_batch per pass.
+
+        inputs [M, C, ...], classes [M] -> [M, C, ...]."""
+        out = torch.empty_like(inputs)
+        for s in chunks(inputs.shape[0], self.max_batch):
+            x = inputs[s].detach().requires_grad_(True)
+            with torch.enable_grad():
+                score = self.model(x).gather(1, classes[s, None]).sum()
+                out[s] = torch.autograd.grad(score, x)[0]
+        return out
+
+
 class Technique:
     name: ClassVar[str]
     outputs: ClassVar[Dict[str, str]] = {}
     uses_layers: ClassVar[bool] = True  # False: maps live in input space (layer "input")
+    needs: ClassVar[FrozenSet[str]] = frozenset()  # shared Pass computations it uses
 
     @dataclass
     class Options:
@@ -63,8 +204,8 @@ class Technique:
     def __init__(self, **options: Any):
         self.options = self.Options(**options)
 
-    def check_layers(self, shapes: Dict[str, Tuple[int, ...] | None]) -> None:
-        """Raise ValueError before any work if a chosen layer's output shape cannot be used.
+    def check_layers(self, shapes: Dict[str, Optional[Tuple[int, ...]]]) -> None:
+        """Raise ValueError before any work if a chosen layer's output cannot be used.
 
         `shapes` maps each chosen layer to its output shape for one input ([1, ...]), or None
         when the output is not a tensor.
@@ -73,25 +214,31 @@ class Technique:
             if shape is None:
                 raise ValueError(f"{self.name}: layer {layer!r} does not output a single tensor")
 
-    def map_layers(self, layers: Sequence[str]) -> List[str]:
-        return list(layers) if self.uses_layers else [INPUT]
+    def attribute(self, model: nn.Module, x: torch.Tensor, layers: Sequence[str], target: TargetSpec,
+                  *, max_batch: int = 64, shared: Optional[Pass] = None) -> Result:
+        """Maps for a batch x [N, C, H, W] or [N, C, T, H, W]; the model must be in eval mode.
 
-    def attribute(
-        self, model: nn.Module, x: torch.Tensor, layers: Sequence[str], target: TargetSpec
-    ) -> Result:
-        """Maps for a batch x [N, C, H, W] (or [N, C, T, H, W]); the model must be in eval mode."""
+        `shared`: the runner's Pass for this batch, so computations common to several
+        techniques run once; standalone calls get a Pass of their own.
+        """
         if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() < 4:
-            raise ValueError(f"{self.name}: expected a float batch [N, C, H, W], got {tuple(x.shape)}")
+            raise ValueError(f"{self.name}: expected a float batch [N, C, H, W], got {tuple(getattr(x, 'shape', ()))}")
         if model.training:
             raise ValueError(f"{self.name}: model must be in eval mode")
-        return self._attribute(model, x.detach(), list(layers), target)
+        p = shared or Pass(model, x.detach(), layers if self.uses_layers else [], target,
+                           max_batch=max_batch, needs=self.needs)
+        maps = self._attribute(p)
+        return Result(p.logits, p.targets, maps)
 
-    def _attribute(
-        self, model: nn.Module, x: torch.Tensor, layers: List[str], target: TargetSpec
-    ) -> Result:
+    def _attribute(self, p: Pass) -> Dict[Tuple[str, str], torch.Tensor]:
         raise NotImplementedError
 
 
 def target_scores(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
     """Sum over the batch of the logit of each row's k-th target (a scalar to differentiate)."""
     return logits.gather(1, targets[:, k : k + 1]).sum()
+
+
+def expand_targets(targets: torch.Tensor, copies: int) -> torch.Tensor:
+    """[N, K] -> [K, N * copies]: per target k, each row's class repeated for its copies."""
+    return targets.t().repeat_interleave(copies, dim=1)

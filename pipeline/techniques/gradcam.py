@@ -5,17 +5,20 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.hooks import capture
-from pipeline.techniques.base import Result, Technique, register, target_scores
+from pipeline.techniques.base import ACTS, LAYER_GRADS, Technique, register
 
 
-@register("gradcam")
-class GradCAM(Technique):
-    """cam [N, K, h, w] per layer, at the layer's own resolution. All layers come from one forward
-    and one backward per target; the backward stops at the shallowest chosen layer and computes
-    no parameter gradient."""
+class CAM(Technique):
+    """Base of the CAM family: a map sum_c w_c A_c per layer, at the layer's own resolution.
+
+    Subclasses override `weights` only. Returns cam [N, K, h, w] (or [N, K, T, h, w] for 3D
+    layers). Activations and gradients come from the shared Pass: all layers from one forward and
+    one backward per target, the backward stopping at the shallowest chosen layer, no parameter
+    gradient computed.
+    """
 
     outputs = {"cam": "heatmap"}
+    needs = frozenset({ACTS, LAYER_GRADS})
 
     @dataclass
     class Options:
@@ -24,28 +27,32 @@ class GradCAM(Technique):
     def check_layers(self, shapes):
         super().check_layers(shapes)
         for layer, shape in shapes.items():
-            if len(shape) != 4:
-                raise ValueError(
-                    f"gradcam: layer {layer!r} outputs shape {list(shape)}; Grad-CAM needs a "
-                    "feature map [N, C, h, w]"
-                )
+            if len(shape) < 4:
+                raise ValueError(f"{self.name}: layer {layer!r} outputs shape {list(shape)}; "
+                                 "it needs a feature map [N, C, h, w] or [N, C, T, h, w]")
 
-    def _attribute(self, model, x, layers, target):
-        with torch.enable_grad(), capture(model, layers, grad=True) as acts:
-            logits = model(x)  # [N, classes]
-        targets = target.select(logits)  # [N, K]
-        feats = [acts[layer] for layer in layers]  # each [N, C, h, w]
-        cams = {layer: [] for layer in layers}
-        for k in range(targets.shape[1]):
-            grads = torch.autograd.grad(
-                target_scores(logits, targets, k), feats,
-                retain_graph=k < targets.shape[1] - 1, allow_unused=True,
-            )
-            for layer, a, g in zip(layers, feats, grads):
-                if g is None:
-                    raise ValueError(f"gradcam: the class score does not depend on layer {layer!r}")
-                weights = g.mean((2, 3), keepdim=True)  # [N, C, 1, 1]
-                cam = (weights * a.detach()).sum(1)  # [N, h, w]
-                cams[layer].append(cam.clamp_min(0) if self.options.relu else cam)
-        maps = {(layer, "cam"): torch.stack(cams[layer], 1) for layer in layers}  # [N, K, h, w]
-        return Result(logits.detach(), targets, maps)
+    def weights(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """acts [N, 1, C, *S], grads [N, K, C, *S] -> channel weights [N, K, C, *1 or *S]."""
+        raise NotImplementedError
+
+    def _attribute(self, p):
+        acts, grads = p.activations(), p.layer_grads()
+        maps = {}
+        for layer in p.layers:
+            a = acts[layer].unsqueeze(1)  # [N, 1, C, *S]
+            cam = (self.weights(a, grads[layer]) * a).sum(2)  # [N, K, *S]
+            maps[layer, "cam"] = cam.clamp_min(0) if self.options.relu else cam
+        return maps
+
+
+def spatial_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over every axis after the channel axis (2), kept as size-1 axes."""
+    return t.mean(dim=tuple(range(3, t.dim())), keepdim=True)
+
+
+@register("gradcam")
+class GradCAM(CAM):
+    """Channel weight = the gradient averaged over the map."""
+
+    def weights(self, acts, grads):
+        return spatial_mean(grads)
