@@ -31,11 +31,13 @@ class ModelConfig:
     path: Optional[str] = None  # checkpoint file (state dict or TorchScript)
     arch: Optional[str] = None  # checkpoint architecture: torchvision/timm name or "module:Class"
     num_classes: Optional[int] = None  # checkpoint architecture's number of classes
-    input_size: int = 224  # side of the square crop the model sees
-    resize: int = 256  # shorter side is resized to this, then centre-cropped to input_size
+    # Preprocessing; null: the model's own (torchvision weights' transforms, timm's pretrained
+    # config), else ImageNet's 224 / 256 / mean / std.
+    input_size: Optional[int] = None  # side of the square crop the model sees
+    resize: Optional[int] = None  # shorter side is resized to this, then centre-cropped to input_size
     interpolation: str = "area"  # area | bilinear | bicubic (area is used for shrinking)
-    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
     layers: List[str] = field(default_factory=list)  # default layers; empty: last conv block
 
 
@@ -45,7 +47,10 @@ class DataConfig:
     path: Optional[str] = None
     start: int = 0  # video frame range
     stop: Optional[int] = None
-    step: int = 1
+    step: int = 1  # frames mode: every step-th frame is one input
+    clip_len: Optional[int] = None  # clips mode (3D CNNs): frames per clip; null: one frame per input
+    frame_stride: int = 1  # clips mode: distance between a clip's frames
+    clip_stride: int = 16  # clips mode: distance between the first frames of consecutive clips
     extensions: List[str] = field(
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"]
     )
@@ -61,6 +66,7 @@ class RenderConfig:
     alpha: float = 0.5  # heatmap opacity over the image
     channels: int = 8  # top channels drawn per layer for channel maps
     tile: int = 160  # tile side in pixels
+    frames: int = 8  # clips: frames drawn per row, evenly spaced over the clip
 
 
 @dataclass
@@ -119,11 +125,15 @@ def validate(cfg: Any) -> None:
         raise ConfigError("data.start must be >= 0 and data.step >= 1")
     if cfg.data.stop is not None and cfg.data.stop <= cfg.data.start:
         raise ConfigError(f"data.stop={cfg.data.stop} must be greater than data.start={cfg.data.start}")
-    if cfg.model.input_size < 8 or cfg.model.resize < cfg.model.input_size:
+    m = cfg.model
+    if (m.input_size is not None and m.input_size < 8) or (
+            m.resize is not None and m.input_size is not None and m.resize < m.input_size):
         raise ConfigError("model.input_size must be >= 8 and model.resize >= model.input_size")
+    if cfg.data.clip_len is not None and (cfg.data.clip_len < 1 or cfg.data.frame_stride < 1 or cfg.data.clip_stride < 1):
+        raise ConfigError("data.clip_len, data.frame_stride and data.clip_stride must be at least 1")
     if cfg.model.interpolation not in ("area", "bilinear", "bicubic"):
         raise ConfigError(f"model.interpolation={cfg.model.interpolation!r}: area, bilinear or bicubic")
-    if len(cfg.model.mean) != 3 or len(cfg.model.std) != 3 or min(cfg.model.std) <= 0:
+    if (m.mean is not None and len(m.mean) != 3) or (m.std is not None and (len(m.std) != 3 or min(m.std) <= 0)):
         raise ConfigError("model.mean and model.std need three values, std > 0")
     if not cfg.technique:
         raise ConfigError("no technique selected: set technique=<name> or technique=[a,b]")

@@ -13,13 +13,14 @@ register_configs()
 
 def layer_table(cfg: DictConfig) -> str:
     """One line per module: name, type, output shape for one [1, 3, S, S] input."""
-    model = build_model(cfg.model, "cpu")
+    model = build_model(cfg.model, "cpu", cfg.data.clip_len)
     if isinstance(model.module, torch.jit.ScriptModule):
         raise ConfigError("a TorchScript model cannot be hooked, so its layers cannot be listed")
-    shapes = probe_shapes(model.module, cfg.model.input_size)
+    example = model.example()
+    shapes = probe_shapes(model.module, example)
     modules = dict(model.module.named_modules())
     width = max(len(n) for n in modules)
-    lines = [f"# {model.description}, input [1, 3, {cfg.model.input_size}, {cfg.model.input_size}]",
+    lines = [f"# {model.description}, input {list(example.shape)}",
              f"{'layer':<{width}}  {'type':<24}  output"]
     for name, module in modules.items():
         if name:

@@ -29,9 +29,20 @@ class Preprocess:
 class LoadedModel:
     module: nn.Module  # frozen, eval mode
     preprocess: Preprocess
-    class_names: Optional[List[str]]  # ImageNet names where known
+    class_names: Optional[List[str]]  # ImageNet (or Kinetics-400) names where known
     description: str
     num_classes: int
+    clip_len: Optional[int] = None  # frames per clip for a 3D (video) CNN; None for image models
+
+    @property
+    def is_video(self) -> bool:
+        return self.clip_len is not None
+
+    def example(self, device: torch.device | str = "cpu", batch: int = 1) -> torch.Tensor:
+        """A zero input of the model's shape: [B, 3, S, S], or [B, 3, T, S, S] for a video CNN."""
+        s = self.preprocess.input_size
+        shape = (batch, 3, self.clip_len, s, s) if self.is_video else (batch, 3, s, s)
+        return torch.zeros(shape, device=device)
 
     def class_name(self, index: int) -> str:
         if self.class_names and 0 <= index < len(self.class_names):
@@ -71,6 +82,21 @@ def build_efficientnet_lite0() -> nn.Module:
         mapped[dst_key] = tensor
     model.load_state_dict(mapped)
     return model
+
+
+IMAGENET = dict(input_size=224, resize=256, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def _torchvision_preprocess(name: str) -> dict:
+    """Crop, resize, mean and std of the model's default weights' transforms (no download)."""
+    import torchvision.models as tvm
+
+    try:
+        t = tvm.get_model_weights(name).DEFAULT.transforms()
+    except (ValueError, KeyError, AttributeError):
+        return dict(IMAGENET)
+    crop, resize = list(t.crop_size), list(t.resize_size)
+    return dict(input_size=int(crop[0]), resize=int(min(resize)), mean=tuple(t.mean), std=tuple(t.std))
 
 
 def _torchvision(name: str, weights: Optional[str], num_classes: Optional[int] = None) -> Tuple[nn.Module, Optional[List[str]]]:
@@ -140,9 +166,18 @@ def _checkpoint(path: str, arch: Optional[str], num_classes: Optional[int]) -> n
     return model
 
 
-def build_model(cfg, device: torch.device | str = "cpu") -> LoadedModel:
-    """Build the model a `model` config describes, frozen and in eval mode, on `device`."""
-    mean, std = tuple(cfg.mean), tuple(cfg.std)
+def is_video_model(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv3d) for m in model.modules())
+
+
+def build_model(cfg, device: torch.device | str = "cpu", clip_len: Optional[int] = None) -> LoadedModel:
+    """Build the model a `model` config describes, frozen and in eval mode, on `device`.
+
+    Preprocessing keys left null come from the model (torchvision weights' transforms, timm's
+    pretrained config) or ImageNet's defaults. A 3D CNN (any Conv3d) takes clips of `clip_len`
+    frames (16 when not given).
+    """
+    defaults = dict(IMAGENET)
     names: Optional[List[str]] = None
     if cfg.kind == "efficientnet_lite0":
         model, names, desc = build_efficientnet_lite0(), imagenet_classes(), "tf_efficientnet_lite0 (embedded ImageNet weights)"
@@ -150,6 +185,7 @@ def build_model(cfg, device: torch.device | str = "cpu") -> LoadedModel:
         if not cfg.name:
             raise ConfigError("model=torchvision needs model.name (e.g. resnet18)")
         model, names = _torchvision(cfg.name, cfg.weights)
+        defaults = _torchvision_preprocess(cfg.name)
         desc = f"torchvision {cfg.name} weights={cfg.weights}"
     elif cfg.kind == "timm":
         import timm
@@ -158,8 +194,10 @@ def build_model(cfg, device: torch.device | str = "cpu") -> LoadedModel:
             close = difflib.get_close_matches(str(cfg.name), timm.list_models(), n=5)
             raise ConfigError(f"unknown timm model {cfg.name!r}; closest: {', '.join(close) or 'none'}")
         model = timm.create_model(cfg.name, pretrained=cfg.pretrained)
-        if cfg.pretrained:
-            mean, std = tuple(model.pretrained_cfg["mean"]), tuple(model.pretrained_cfg["std"])
+        pc = model.pretrained_cfg
+        size = int(pc.get("input_size", (3, 224, 224))[-1])
+        defaults = dict(input_size=size, resize=int(round(size / pc.get("crop_pct", 0.875))),
+                        mean=tuple(pc.get("mean", IMAGENET["mean"])), std=tuple(pc.get("std", IMAGENET["std"])))
         desc = f"timm {cfg.name} pretrained={cfg.pretrained}"
     elif cfg.kind == "checkpoint":
         model = _checkpoint(cfg.path, cfg.arch, cfg.num_classes)
@@ -169,12 +207,18 @@ def build_model(cfg, device: torch.device | str = "cpu") -> LoadedModel:
     model = model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
-    preprocess = Preprocess(cfg.input_size, cfg.resize, cfg.interpolation, mean, std)
+    pick = lambda key: defaults[key] if cfg[key] is None else cfg[key]  # noqa: E731
+    preprocess = Preprocess(int(pick("input_size")), int(pick("resize")), cfg.interpolation,
+                            tuple(pick("mean")), tuple(pick("std")))
+    if preprocess.resize < preprocess.input_size:
+        raise ConfigError(f"model.resize={preprocess.resize} is smaller than model.input_size={preprocess.input_size}")
+    video = not isinstance(model, torch.jit.ScriptModule) and is_video_model(model)
+    loaded = LoadedModel(model, preprocess, names, desc, 0, (clip_len or 16) if video else None)
     with torch.no_grad():
-        num_classes = int(model(torch.zeros(1, 3, cfg.input_size, cfg.input_size, device=device)).shape[-1])
-    if names is None and num_classes == 1000:
-        names = imagenet_classes()
-    return LoadedModel(model, preprocess, names, desc, num_classes)
+        loaded.num_classes = int(model(loaded.example(device)).shape[-1])
+    if loaded.class_names is None and loaded.num_classes == 1000:
+        loaded.class_names = imagenet_classes()
+    return loaded
 
 
 def layer_names(model: nn.Module) -> List[str]:
@@ -204,8 +248,11 @@ def resolve_layers(model: nn.Module, patterns: Sequence[str]) -> List[str]:
     return sorted(chosen, key=order.__getitem__)
 
 
-def probe_shapes(model: nn.Module, input_size: int, device: torch.device | str = "cpu") -> Dict[str, Optional[Tuple[int, ...]]]:
-    """Output shape of every module for one [1, 3, S, S] input, in execution order (None: not a tensor)."""
+def probe_shapes(model: nn.Module, example: torch.Tensor | int, device: torch.device | str = "cpu") -> Dict[str, Optional[Tuple[int, ...]]]:
+    """Output shape of every module for one example input (a tensor, or S for [1, 3, S, S]),
+    in execution order (None: not a tensor)."""
+    if isinstance(example, int):
+        example = torch.zeros(1, 3, example, example, device=device)
     shapes: Dict[str, Optional[Tuple[int, ...]]] = {}
     handles = []
 
@@ -220,7 +267,7 @@ def probe_shapes(model: nn.Module, input_size: int, device: torch.device | str =
             if name:
                 handles.append(module.register_forward_hook(make_hook(name)))
         with torch.no_grad():
-            model(torch.zeros(1, 3, input_size, input_size, device=device))
+            model(example)
     finally:
         for h in handles:
             h.remove()
@@ -228,17 +275,17 @@ def probe_shapes(model: nn.Module, input_size: int, device: torch.device | str =
 
 
 def last_conv_block(model: nn.Module, shapes: Dict[str, Optional[Tuple[int, ...]]]) -> str:
-    """The default layer: the last module to finish with a spatial [1, C, h, w] output (h*w > 1).
+    """The default layer: the last module to finish with a spatial [1, C, (T,) h, w] output (h*w > 1).
 
     Hooks fire in execution order and a container finishes after its children, so this is the
     outermost block producing the final feature map (`layer4` in a ResNet, `bn2` in EfficientNet,
     `features` in VGG). Adaptive pooling (a classifier head's resizing) does not count.
     """
     modules = dict(model.named_modules())
-    head = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+    head = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d)
     spatial = [
         n for n, s in shapes.items()
-        if s is not None and len(s) == 4 and s[2] * s[3] > 1 and not isinstance(modules[n], head)
+        if s is not None and len(s) in (4, 5) and s[-2] * s[-1] > 1 and not isinstance(modules[n], head)
     ]
     if not spatial:
         raise ConfigError("the model has no layer with a spatial output; set layers=[...] explicitly")

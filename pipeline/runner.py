@@ -78,7 +78,14 @@ def plan(cfg) -> Plan:
             raise ConfigError(f"technique {name}: {err}") from None
     source = build_source(cfg.data)  # missing path / empty folder fail here, before the model loads
     device = resolve_device(cfg.device)
-    model = build_model(cfg.model, device)
+    model = build_model(cfg.model, device, cfg.data.clip_len)
+    clips = cfg.data.kind == "video" and cfg.data.clip_len is not None
+    if model.is_video and not clips:
+        raise ConfigError(f"{model.description} is a 3D video CNN: it needs clips, e.g. data=video "
+                          "data.path=FILE data.clip_len=16")
+    if clips and not model.is_video:
+        raise ConfigError(f"data.clip_len={cfg.data.clip_len} makes clips, but {model.description} "
+                          "is not a 3D (video) CNN; drop data.clip_len to use single frames")
     try:
         target = TargetSpec.parse(cfg.target, model.class_names)
     except ValueError as err:
@@ -93,7 +100,7 @@ def plan(cfg) -> Plan:
     try:
         target.check(model.num_classes)
         if layered:
-            shapes = probe_shapes(model.module, cfg.model.input_size, device)
+            shapes = probe_shapes(model.module, model.example(device))
             layers = resolve_layers(model.module, cfg.layers) if cfg.layers else [last_conv_block(model.module, shapes)]
             for technique in layered:
                 technique.check_layers({layer: shapes.get(layer) for layer in layers})

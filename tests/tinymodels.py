@@ -52,3 +52,20 @@ class SlowNet(TinyNet):
 def tiny_net(seed: int = 0, num_classes: int = 10) -> TinyNet:
     torch.manual_seed(seed)
     return TinyNet(num_classes).eval()
+
+
+class TinyNet3D(nn.Module):
+    """A tiny 3D CNN for clips [N, 3, T, H, W]: conv3d-relu(inplace) -> conv3d(stride 1,2,2)-relu -> pool -> fc."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv3d(3, 4, 3, padding=1)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv3d(4, 8, 3, stride=(1, 2, 2), padding=1)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.pool = nn.AdaptiveAvgPool3d(1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+        return self.fc(self.pool(x).flatten(1))

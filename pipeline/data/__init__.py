@@ -15,7 +15,8 @@ def build_source(cfg) -> Source:
     if cfg.kind == "folder":
         return FolderSource(cfg.path, cfg.extensions, cfg.limit)
     if cfg.kind == "video":
-        return VideoSource(cfg.path, cfg.start, cfg.stop, cfg.step, cfg.limit)
+        return VideoSource(cfg.path, cfg.start, cfg.stop, cfg.step, cfg.limit,
+                           cfg.clip_len, cfg.frame_stride, cfg.clip_stride)
     raise ConfigError(f"data.kind={cfg.kind!r} is unknown")
 
 

@@ -45,11 +45,15 @@ _INTER = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.I
 
 
 def prepare(image: np.ndarray, crop: Optional[Sequence[int]], pre: Preprocess):
-    """RGB uint8 [H, W, 3] -> (model input float [3, S, S], display image uint8 [S, S, 3]).
+    """RGB uint8 [H, W, 3] -> (model input float [3, S, S], display image uint8 [S, S, 3]);
+    a clip [T, H, W, 3] -> ([3, T, S, S], [T, S, S, 3]), every frame prepared alike.
 
     Crop box [x, y, w, h] first (must lie inside the image), then the shorter side is resized
     to `pre.resize` (area interpolation when shrinking) and the centre `pre.input_size` square kept.
     """
+    if image.ndim == 4:
+        frames = [prepare(frame, crop, pre) for frame in image]
+        return torch.stack([f[0] for f in frames], 1), np.stack([f[1] for f in frames])
     if crop is not None:
         x, y, w, h = (int(v) for v in crop)
         H, W = image.shape[:2]

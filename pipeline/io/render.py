@@ -95,20 +95,21 @@ def technique_rows(
     image: Tile,
     title: str,
     targets: Sequence[Tuple[str, float]],
-    size: int,
-    colormap: str,
-    alpha: float,
-    channels: int,
+    cfg,
 ) -> List[List[Tile]]:
     """Tiles for one input and one technique; `maps` holds this input's arrays (no batch axis).
 
     heatmap  [K, h, w]     -> per target: input | overlay | input weighted by the map
     gradient [K, C, H, W]  -> per target: input | signed colour image | grey max-abs image
     channels [C, h, w]     -> the `channels` most activated channels, each in `colormap`
+    A clip (image [T, S, S, 3]) is drawn by `clip_rows` instead.
     """
-    side = image.shape[0]
     if targets:
         title = f"{title} | {targets[0][0]} {targets[0][1]:.2f}"
+    if image.ndim == 4:
+        return clip_rows(technique, kinds, maps, image, title, targets, cfg)
+    size, colormap, alpha, channels = cfg.tile, cfg.colormap, cfg.alpha, cfg.channels
+    side = image.shape[0]
     first = label(image, title, size)
     rows: List[List[Tile]] = []
     for (layer, output), m in maps.items():
@@ -137,6 +138,41 @@ def technique_rows(
     return rows
 
 
+def clip_rows(technique, kinds, maps, clip: np.ndarray, title: str, targets, cfg) -> List[List[Tile]]:
+    """A clip's frames over time (up to `cfg.frames`, evenly spaced), the maps overlaid per frame.
+
+    heatmap [K, T, H, W] and gradient [K, C, T, H, W]: one row per layer and target, scaled over
+    the whole clip so that the rows show how the map moves in time; channels [C, T, h, w]: the top
+    channels averaged over time, beside the middle frame.
+    """
+    size, T = cfg.tile, clip.shape[0]
+    side = clip.shape[1]
+    picks = np.unique(np.linspace(0, T - 1, min(cfg.frames, T)).round().astype(int))
+    first = label(clip[picks[0]], title, size)
+    rows: List[List[Tile]] = []
+    for (layer, output), m in maps.items():
+        kind = kinds.get(output, "data")
+        if kind == "heatmap" and m.ndim == 4:
+            for k, (cls, score) in enumerate(targets[: m.shape[0]]):
+                m01 = normalize(np.stack([upsample(m[k, t], side) for t in range(m.shape[1])]))
+                rows.append([first] + [
+                    label(overlay(clip[t], m01[min(t, len(m01) - 1)], cfg.colormap, cfg.alpha),
+                          f"{layer} t={t} | {cls} {score:.2f}", size) for t in picks])
+        elif kind == "gradient" and m.ndim == 5:
+            for k, (cls, score) in enumerate(targets[: m.shape[0]]):
+                g = symmetric(m[k].transpose(1, 2, 3, 0))  # [T, H, W, C] in [0, 1]
+                rows.append([first] + [label(np.uint8(g[t] * 255), f"{technique} t={t} | {cls}", size)
+                                       for t in picks])
+        elif kind == "channels" and m.ndim == 4:
+            mean_map = m.mean(1)  # [C, h, w]
+            means = mean_map.reshape(mean_map.shape[0], -1).mean(1)
+            top = np.argsort(-means, kind="stable")[: cfg.channels]
+            rows.append([label(clip[T // 2], title, size)] + [
+                label(colorize(normalize(upsample(mean_map[c], side)), "viridis"), f"{layer} ch{c} {means[c]:.2f}", size)
+                for c in top])
+    return rows
+
+
 def safe_name(item_id: str) -> str:
     """A file name for an input id ("a/b.jpg" -> "a__b.jpg")."""
     keep = "".join(ch if ch.isalnum() or ch in "._-@" else "_" for ch in item_id.replace("/", "__"))
@@ -149,7 +185,7 @@ def render_input(
 ):
     """Write png/<technique>/<id>.png for one input; returns the path, or None if nothing to draw."""
     rows = technique_rows(technique, kinds, maps, image, label_fn(item_id) if label_fn else item_id,
-                          targets, cfg.tile, cfg.colormap, cfg.alpha, cfg.channels)
+                          targets, cfg)
     if not rows:
         return None
     path = out_dir / "png" / technique / f"{safe_name(item_id)}.png"

@@ -5,14 +5,15 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.maps import resize_maps
 from pipeline.techniques.base import ACTS, LAYER_GRADS, Technique, register
 
 
 class CAM(Technique):
     """Base of the CAM family: a map sum_c w_c A_c per layer, at the layer's own resolution.
 
-    Subclasses override `weights` only. Returns cam [N, K, h, w] (or [N, K, T, h, w] for 3D
-    layers). Activations and gradients come from the shared Pass: all layers from one forward and
+    Subclasses override `weights` only. Returns cam [N, K, h, w] at the layer's resolution; for a
+    3D layer of a video CNN, per-frame maps [N, K, T, H, W] resized (trilinear) to the clip. Activations and gradients come from the shared Pass: all layers from one forward and
     one backward per target, the backward stopping at the shallowest chosen layer, no parameter
     gradient computed.
     """
@@ -41,7 +42,8 @@ class CAM(Technique):
         for layer in p.layers:
             a = acts[layer].unsqueeze(1)  # [N, 1, C, *S]
             cam = (self.weights(a, grads[layer]) * a).sum(2)  # [N, K, *S]
-            maps[layer, "cam"] = cam.clamp_min(0) if self.options.relu else cam
+            cam = cam.clamp_min(0) if self.options.relu else cam
+            maps[layer, "cam"] = resize_maps(cam, p.x.shape[2:]) if cam.dim() == 5 else cam
         return maps
 
 
