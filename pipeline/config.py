@@ -70,6 +70,15 @@ class RenderConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    deletion: bool = False  # deletion curve + AUC per heatmap (Petsiuk et al. 2018)
+    insertion: bool = False  # insertion curve + AUC per heatmap
+    steps: int = 16  # points of the deletion / insertion curves
+    sanity: bool = False  # cascading model-randomization check (Adebayo et al. 2018)
+    sanity_steps: int = 4  # cumulative groups of layers re-initialized from the top
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -82,6 +91,7 @@ class Config:
     seed: int = 0
     num_workers: int = 2
     render: RenderConfig = field(default_factory=RenderConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 MODEL_KINDS = ("efficientnet_lite0", "torchvision", "timm", "checkpoint")
@@ -135,5 +145,7 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"model.interpolation={cfg.model.interpolation!r}: area, bilinear or bicubic")
     if (m.mean is not None and len(m.mean) != 3) or (m.std is not None and (len(m.std) != 3 or min(m.std) <= 0)):
         raise ConfigError("model.mean and model.std need three values, std > 0")
+    if cfg.evaluate.steps < 1 or cfg.evaluate.sanity_steps < 1:
+        raise ConfigError("evaluate.steps and evaluate.sanity_steps must be at least 1")
     if not cfg.technique:
         raise ConfigError("no technique selected: set technique=<name> or technique=[a,b]")

@@ -8,7 +8,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -17,7 +17,9 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError, validate
 from pipeline.data import Source, build_source, make_loader
+from pipeline.evaluation import SanityCheck, deletion_insertion, heatmaps
 from pipeline.io.h5 import MapsFile
+from pipeline.io.plots import write_plots
 from pipeline.io.writer import AsyncWriter, BatchRecord
 from pipeline.models import LoadedModel, build_model, last_conv_block, probe_shapes, resolve_layers
 from pipeline.targets import TargetSpec
@@ -52,6 +54,7 @@ class Plan:
     target: TargetSpec
     techniques: Dict[str, Technique]
     source: Source
+    sanity: Optional[SanityCheck] = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -106,7 +109,8 @@ def plan(cfg) -> Plan:
                 technique.check_layers({layer: shapes.get(layer) for layer in layers})
     except ValueError as err:  # ConfigError included
         raise ConfigError(str(err)) from None
-    return Plan(cfg, device, model, layers, target, techniques, source)
+    sanity = SanityCheck(model.module, cfg.evaluate.sanity_steps, cfg.seed) if cfg.evaluate.sanity else None
+    return Plan(cfg, device, model, layers, target, techniques, source, sanity)
 
 
 def run_key(p: Plan) -> dict:
@@ -119,6 +123,7 @@ def run_key(p: Plan) -> dict:
         "technique": OmegaConf.to_container(p.cfg.technique, resolve=True),
         "layers": p.layers,
         "target": str(p.cfg.target),
+        "evaluate": OmegaConf.to_container(p.cfg.evaluate, resolve=True),
     }
 
 
@@ -137,6 +142,8 @@ def run(cfg, out_dir: str | Path) -> Summary:
     seed_everything(cfg.seed)
     attrs = {"config": OmegaConf.to_yaml(cfg, resolve=True), "model": p.model.description,
              "layers": ",".join(p.layers)}
+    if p.sanity:
+        attrs["sanity_labels"] = p.sanity.labels
     maps_file = MapsFile(out_dir / "maps.h5", run_key(p), attrs)
     if p.model.class_names:
         maps_file.write_once("classes", np.array(p.model.class_names, dtype=object))
@@ -174,10 +181,31 @@ def run(cfg, out_dir: str | Path) -> Summary:
     finally:
         writer.close()
     seconds = time.perf_counter() - start
+    if cfg.evaluate.deletion or cfg.evaluate.insertion or cfg.evaluate.sanity:
+        for path in write_plots(out_dir, out_dir / "maps.h5"):
+            log.info("wrote %s", path)
     summary = Summary(out_dir, done, maps_file.rows, skipped, seconds,
                       done / seconds if seconds > 0 else math.nan, writer.pngs)
     log.info(summary.line())
     return summary
+
+
+def _evaluate(p: Plan, x, maps, targets, generator) -> dict:
+    """Extra columns from `evaluate.*`: deletion / insertion curves and sanity correlations."""
+    ev, out = p.cfg.evaluate, {}
+    hm = heatmaps(p.techniques, maps)
+    if ev.deletion or ev.insertion:
+        for (name, layer, output), m in hm.items():
+            curves = deletion_insertion(p.model.module, x, m, targets, ev.steps, p.cfg.max_batch)
+            for metric, values in curves.items():
+                if (ev.deletion and metric.startswith("deletion")) or (ev.insertion and metric.startswith("insertion")):
+                    out[name, layer, f"{output}.{metric}"] = values
+    if p.sanity and hm:
+        correlations = p.sanity.correlations(x, p.layers, p.target, p.techniques, hm, targets,
+                                             p.cfg.max_batch, generator)
+        for (name, layer, output), values in correlations.items():
+            out[name, layer, f"{output}.sanity"] = values
+    return out
 
 
 def _compute(p: Plan, batch) -> BatchRecord:
@@ -190,9 +218,11 @@ def _compute(p: Plan, batch) -> BatchRecord:
     for name, technique in p.techniques.items():
         result = technique.attribute(p.model.module, x, p.layers, p.target, shared=shared)
         for (layer, output), tensor in result.maps.items():
-            maps[name, layer, output] = tensor.detach().cpu().numpy()
-    logits = shared.logits.float()
+            maps[name, layer, output] = tensor.detach()
     targets = shared.targets
+    maps.update(_evaluate(p, x, maps, targets, generator))
+    maps = {key: tensor.cpu().numpy() for key, tensor in maps.items()}
+    logits = shared.logits.float()
     probs = logits.softmax(1).gather(1, targets)
     return BatchRecord(
         items=batch.items, display=batch.display,

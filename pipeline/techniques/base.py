@@ -74,14 +74,14 @@ class Pass:
 
     def __init__(self, model: nn.Module, x: torch.Tensor, layers: Sequence[str], target: TargetSpec,
                  *, max_batch: int = 64, needs: FrozenSet[str] = frozenset(),
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, targets: Optional[torch.Tensor] = None):
         self.model, self.x, self.layers, self.target = model, x, list(layers), target
         self.max_batch, self.needs = max_batch, needs
         # Random draws (noise samples, random baselines) come from this generator, on x's device.
         self.generator = generator or torch.Generator(device=x.device).manual_seed(0)
         self._memo: Dict[str, Any] = {}
         self._logits: Optional[torch.Tensor] = None
-        self._targets: Optional[torch.Tensor] = None
+        self._targets: Optional[torch.Tensor] = targets  # [N, K] given: explain these classes
         self._acts: Optional[Dict[str, torch.Tensor]] = None
         self._layer_grads: Optional[Dict[str, torch.Tensor]] = None
         self._input_grads: Optional[torch.Tensor] = None
@@ -90,7 +90,8 @@ class Pass:
     def _set_logits(self, logits: torch.Tensor) -> None:
         if self._logits is None:
             self._logits = logits.detach()
-            self._targets = self.target.select(self._logits)
+            if self._targets is None:
+                self._targets = self.target.select(self._logits)
 
     @property
     def logits(self) -> torch.Tensor:
