@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.maps import resize_maps
+from pipeline.maps import gaussian_blur, resize_maps
 from pipeline.techniques.base import Pass, Technique, chunks
 
 Key = Tuple[str, str, str]  # (technique, layer, output)
@@ -33,18 +33,6 @@ Key = Tuple[str, str, str]  # (technique, layer, output)
 def heatmaps(techniques: Dict[str, Technique], maps: Dict[Key, torch.Tensor]) -> Dict[Key, torch.Tensor]:
     """The per-target maps [N, K, *S] among a batch's outputs."""
     return {key: m for key, m in maps.items() if techniques[key[0]].outputs.get(key[2]) == "heatmap"}
-
-
-def blur(x: torch.Tensor, sigma: float = 5.0) -> torch.Tensor:
-    """Gaussian blur over the last two axes of [N, C, (T,) H, W] (the insertion start image)."""
-    radius = max(1, int(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    flat = x.reshape(-1, 1, *x.shape[-2:])
-    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
-    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
-    return flat.reshape(x.shape)
 
 
 def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
@@ -67,7 +55,7 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, ta
     k_of = torch.arange(K, device=x.device).repeat_interleave(steps + 1).repeat(N)
     s_of = torch.arange(steps + 1, device=x.device).repeat(N * K)
     out = {}
-    for name, start, end in (("deletion", x, torch.zeros_like(x)), ("insertion", blur(x), x)):
+    for name, start, end in (("deletion", x, torch.zeros_like(x)), ("insertion", gaussian_blur(x, 5.0), x)):
         curve = torch.empty(rows, device=x.device)
         with torch.no_grad():
             for sl in chunks(rows, max_batch):

@@ -1,8 +1,11 @@
-"""The one place that hooks a model: `with capture(model, layers) as acts:`.
+"""The one place that hooks a model: `with capture(model, layers) as acts:` and
+`with relu_backward_rule(model, "guided" | "deconvnet"):`.
 
 Hooks are registered on entry and removed in `finally`, so no hook outlives the block, also when
 the model raises. Each hooked module's output is recorded and a clone is passed on downstream, so
 inplace ops after the layer (inplace ReLU, `out += identity`) cannot overwrite what was recorded.
+The ReLU rules need no hook: a torch function mode of this thread routes every rectifier call,
+module or functional, and is switched off on exit.
 """
 from __future__ import annotations
 
@@ -10,7 +13,9 @@ from contextlib import contextmanager
 from typing import Dict, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 
 @contextmanager
@@ -69,3 +74,100 @@ def hook_count(model: nn.Module) -> int:
         ):
             total += len(getattr(module, attr, {}) or {})
     return total
+
+
+# -- ReLU backward rules (guided backprop, deconvnet) ---------------------------------------------
+RULES = ("guided", "deconvnet")
+
+
+def _relu(input, inplace=False):
+    return input, 0.0, None, inplace
+
+
+def _relu6(input, inplace=False):
+    return input, 0.0, 6.0, inplace
+
+
+def _hardtanh(input, min_val=-1.0, max_val=1.0, inplace=False):
+    return input, min_val, max_val, inplace
+
+
+# Every way eager code calls a rectifier -> (input, lower, upper or None, inplace). nn.ReLU calls
+# F.relu and nn.ReLU6 calls F.hardtanh(x, 0, 6), so modules and functional calls are all caught.
+_RECTIFIERS = {
+    F.relu: _relu,
+    torch.relu: lambda input: _relu(input),
+    torch.Tensor.relu: lambda input: _relu(input),
+    torch.relu_: lambda input: _relu(input, True),
+    torch.Tensor.relu_: lambda input: _relu(input, True),
+    F.relu6: _relu6,
+    F.hardtanh: _hardtanh,
+    F.hardtanh_: lambda input, min_val=-1.0, max_val=1.0: _hardtanh(input, min_val, max_val, True),
+}
+
+
+class _RuleReLU(torch.autograd.Function):
+    """Forward: clamp(x, lower, upper), unchanged. Backward: the chosen rule instead of the chain rule.
+
+    guided:    grad_in = grad_out * [lower < x < upper] * [grad_out > 0]
+    deconvnet: grad_in = relu(grad_out), the forward mask ignored
+    """
+
+    @staticmethod
+    def forward(ctx, x, lower, upper, rule, inplace):
+        ctx.rule = rule
+        if rule == "guided":
+            passes = x > lower if upper is None else (x > lower) & (x < upper)
+            ctx.save_for_backward(passes)
+        if inplace:
+            ctx.mark_dirty(x)
+            return x.clamp_(lower, upper)
+        return x.clamp(lower, upper)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clamp_min(0)
+        if ctx.rule == "guided":
+            grad = grad * ctx.saved_tensors[0]
+        return grad, None, None, None, None
+
+
+class _RuleMode(TorchFunctionMode):
+    """Routes every rectifier call (see _RECTIFIERS) of this thread through _RuleReLU."""
+
+    def __init__(self, rule: str):
+        super().__init__()
+        self.rule, self.calls = rule, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        parse = _RECTIFIERS.get(func)
+        if parse is not None:
+            x, lower, upper, inplace = parse(*args, **kwargs)
+            if lower == 0 and (upper is None or upper > 0) and torch.is_tensor(x) and x.is_floating_point():
+                self.calls += 1
+                return _RuleReLU.apply(x, lower, upper, self.rule, inplace)
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def relu_backward_rule(model: nn.Module, rule: str) -> Iterator[_RuleMode]:
+    """Run `model` with ReLU backward rules swapped: `with relu_backward_rule(model, "guided") as r:`.
+
+    Forward values are unchanged. Every rectifier called in this thread inside the block, whether
+    an nn.ReLU / nn.ReLU6 module (inplace or not) or a functional call (F.relu, torch.relu,
+    x.relu(), their inplace forms, F.relu6, F.hardtanh(x, 0, max)), gets the rule's backward;
+    ReLU6's forward mask is 0 < x < 6. Other activations keep their ordinary gradient. Nothing on
+    the model is touched (no hooks, flags or parameters), and the rule is switched off in
+    `finally`. `r.calls` counts the rectifiers routed: 0 after a forward means the rule did nothing.
+    A TorchScript (sub)module is refused with ValueError, since its rectifiers cannot be reached.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown ReLU backward rule {rule!r}; expected one of {RULES}")
+    scripted = [name or "<model>" for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    if scripted:
+        raise ValueError(f"{rule} backward rules cannot reach the ReLUs inside TorchScript modules "
+                         f"({', '.join(scripted[:3])}); load an eager model (a state dict and model.arch)")
+    mode = _RuleMode(rule)
+    with mode:
+        yield mode

@@ -16,3 +16,18 @@ def resize_maps(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     out = F.interpolate(maps.reshape(n * k, 1, *maps.shape[2:]).float(), size=tuple(size), mode=mode,
                         align_corners=False)
     return out.reshape(n, k, *size)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur over the last two axes (H, W), edges replicated: [..., H, W] -> same."""
+    import math
+
+    H, W = x.shape[-2:]
+    radius = min(math.ceil(3 * sigma), max(H, W))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    planes = x.reshape(-1, 1, H, W)
+    planes = F.conv2d(F.pad(planes, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    planes = F.conv2d(F.pad(planes, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
+    return planes.reshape(x.shape)

@@ -77,7 +77,7 @@ def plan(cfg) -> Plan:
     for name, options in cfg.technique.items():
         try:
             techniques[name] = get_technique(name)(**OmegaConf.to_container(options, resolve=True))
-        except (KeyError, TypeError) as err:
+        except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"technique {name}: {err}") from None
     source = build_source(cfg.data)  # missing path / empty folder fail here, before the model loads
     device = resolve_device(cfg.device)
@@ -91,8 +91,15 @@ def plan(cfg) -> Plan:
                           "is not a 3D (video) CNN; drop data.clip_len to use single frames")
     try:
         target = TargetSpec.parse(cfg.target, model.class_names)
+        for technique in techniques.values():
+            technique.setup(model)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    scripted = isinstance(model.module, torch.jit.ScriptModule)
+    refused = [name for name, t in techniques.items() if scripted and not t.torchscript]
+    if refused:
+        raise ConfigError(f"{refused} need the model's Python modules, and a TorchScript model has none; "
+                          "save a state dict and set model.arch")
     layers: List[str] = []
     layered = [t for t in techniques.values() if t.uses_layers]
     if layered and isinstance(model.module, torch.jit.ScriptModule):

@@ -124,7 +124,7 @@ def technique_rows(
             for k, (cls, score) in enumerate(targets[: m.shape[0]]):
                 g = m[k].transpose(1, 2, 0)  # [H, W, C]
                 colour = np.uint8(symmetric(g) * 255)
-                text = f"{technique} | {cls} {score:.2f}"
+                text = f"{technique} {layer} | {cls} {score:.2f}" if layer != "input" else f"{technique} | {cls} {score:.2f}"
                 rows.append([first, label(colour, text, size),
                              label(grey(normalize(np.abs(g).max(2), 99.0)), f"{technique} grey", size)])
         elif kind == "channels" and m.ndim == 3:

@@ -87,7 +87,8 @@ class Pass:
         self._input_grads: Optional[torch.Tensor] = None
 
     # -- logits and targets ---------------------------------------------------------------------
-    def _set_logits(self, logits: torch.Tensor) -> None:
+    def set_logits(self, logits: torch.Tensor) -> None:
+        """Record the first forward pass's logits (and choose the targets from them)."""
         if self._logits is None:
             self._logits = logits.detach()
             if self._targets is None:
@@ -105,7 +106,7 @@ class Pass:
                 self.activations()
             else:
                 with torch.no_grad():
-                    self._set_logits(self.model(self.x))
+                    self.set_logits(self.model(self.x))
         return self._logits
 
     @property
@@ -122,7 +123,7 @@ class Pass:
                 self.layer_grads()
             else:
                 with torch.no_grad(), capture(self.model, self.layers) as acts:
-                    self._set_logits(self.model(self.x))
+                    self.set_logits(self.model(self.x))
                 self._acts = dict(acts)
         return self._acts
 
@@ -132,7 +133,7 @@ class Pass:
         if self._layer_grads is None:
             with torch.enable_grad(), capture(self.model, self.layers, grad=True) as acts:
                 logits = self.model(self.x)  # [N, classes]
-            self._set_logits(logits)
+            self.set_logits(logits)
             feats = [acts[layer] for layer in self.layers]
             per_target: List[Tuple[torch.Tensor, ...]] = []
             K = self.targets.shape[1]
@@ -155,7 +156,7 @@ class Pass:
             x = self.x.detach().requires_grad_(True)
             with torch.enable_grad():
                 logits = self.model(x)
-            self._set_logits(logits)
+            self.set_logits(logits)
             K = self.targets.shape[1]
             grads = [torch.autograd.grad(target_scores(logits, self.targets, k), x, retain_graph=k < K - 1)[0]
                      for k in range(K)]
@@ -169,6 +170,28 @@ class Pass:
         return self._memo[key]
 
     # -- helpers for techniques that expand the batch (samples, steps, masks, windows) --------
+    # Rows are built by the technique on demand, max_batch at a time, so memory is bounded by
+    # max_batch whatever the number of samples, steps, masks or windows.
+    def rows_logits(self, total: int, build: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """For rows 0..total-1, max_batch at a time: yields (idx [m], logits [m, classes]) of
+        build(idx) -> inputs [m, C, ...], without grad."""
+        with torch.no_grad():
+            for s in chunks(total, self.max_batch):
+                idx = torch.arange(s.start, s.stop, device=self.x.device)
+                yield idx, self.model(build(idx))
+
+    def rows_input_grads(self, total: int, build: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+                         ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """For rows 0..total-1, max_batch at a time: yields (idx [m], d logit[classes]/d inputs [m, C, ...])
+        of build(idx) -> (inputs [m, C, ...], classes [m])."""
+        for s in chunks(total, self.max_batch):
+            idx = torch.arange(s.start, s.stop, device=self.x.device)
+            inputs, classes = build(idx)
+            x = inputs.detach().requires_grad_(True)
+            with torch.enable_grad():
+                score = self.model(x).gather(1, classes[:, None]).sum()
+                yield idx, torch.autograd.grad(score, x)[0]
+
     def batched_scores(self, inputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Target logits of many inputs, no grad, at most max_batch per forward.
 
@@ -197,6 +220,7 @@ class Technique:
     outputs: ClassVar[Dict[str, str]] = {}
     uses_layers: ClassVar[bool] = True  # False: maps live in input space (layer "input")
     needs: ClassVar[FrozenSet[str]] = frozenset()  # shared Pass computations it uses
+    torchscript: ClassVar[bool] = True  # False: needs the model's Python modules (refused on TorchScript)
 
     @dataclass
     class Options:
@@ -214,6 +238,10 @@ class Technique:
         for layer, shape in shapes.items():
             if shape is None:
                 raise ValueError(f"{self.name}: layer {layer!r} does not output a single tensor")
+
+    def setup(self, model) -> None:
+        """Called once by the runner with the LoadedModel before any work (e.g. to read its
+        preprocessing); raise ValueError to refuse the model."""
 
     def attribute(self, model: nn.Module, x: torch.Tensor, layers: Sequence[str], target: TargetSpec,
                   *, max_batch: int = 64, shared: Optional[Pass] = None) -> Result:

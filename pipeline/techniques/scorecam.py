@@ -1,0 +1,91 @@
+"""Score-CAM (Wang et al. 2020, https://arxiv.org/abs/1910.01279), and the base of the CAMs that
+need no gradient (Score-CAM, Ablation-CAM, Eigen-CAM)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.maps import resize_maps
+from pipeline.techniques.base import ACTS, Pass, chunks, register
+from pipeline.techniques.gradcam import CAM
+
+
+class ForwardCAM(CAM):
+    """A CAM from the layers' activations (and extra no-grad forwards), no gradient.
+
+    Subclasses override `layer_cam(p, layer, acts [N, C, *S]) -> [N, K, *S]`; the relu and the
+    clip-size resize of 3D maps are done here as in CAM.
+    """
+
+    needs = frozenset({ACTS})
+
+    def layer_cam(self, p: Pass, layer: str, acts: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _attribute(self, p):
+        maps = {}
+        for layer in p.layers:
+            cam = self.layer_cam(p, layer, p.activations()[layer])
+            cam = cam.clamp_min(0) if self.options.relu else cam
+            maps[layer, "cam"] = resize_maps(cam, p.x.shape[2:]) if cam.dim() == 5 else cam
+        return maps
+
+
+def channel_scores(p: Pass, acts: torch.Tensor, top: Optional[int],
+                   inputs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Target logit of one model input per (input n, target k, kept channel c).
+
+    The kept channels are the `top` of highest mean activation per input (all when None).
+    `inputs(n, c)` builds the rows [m, ...] for index tensors n, c [m]; rows are built and scored
+    max_batch at a time, so M = N*K*C' rows cost ceil(M / max_batch) forwards.
+    Returns scores [N, K, C'] and kept channel ids [N, C'].
+    """
+    (N, C), K = acts.shape[:2], p.targets.shape[1]
+    kept = acts.flatten(2).mean(2).topk(min(top or C, C), dim=1).indices  # [N, C']
+    Ck = kept.shape[1]
+    rows = torch.arange(N * K * Ck, device=acts.device)  # row (n, k, j) -> channel kept[n, j]
+    n, k, j = rows // (K * Ck), rows // Ck % K, rows % Ck
+    c, classes = kept[n, j], p.targets[n, k]
+    scores = torch.empty(len(rows), device=acts.device)
+    for s in chunks(len(rows), p.max_batch):  # built here max_batch rows at a time: bounded memory
+        scores[s] = p.batched_scores(inputs(n[s], c[s]), classes[s])
+    return scores.view(N, K, Ck), kept
+
+
+def weighted_sum(acts: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """sum_c weights[n, k, c] * acts[n, kept[n, c]]: acts [N, C, *S], weights [N, K, C'] -> [N, K, *S]."""
+    chosen = acts[torch.arange(acts.shape[0], device=acts.device)[:, None], kept]  # [N, C', *S]
+    return torch.einsum("nkc,nc...->nk...", weights.to(chosen.dtype), chosen)
+
+
+@register("scorecam")
+class ScoreCAM(ForwardCAM):
+    """Each channel's map, upsampled to the input and min-max scaled to [0, 1], masks the input;
+    the channel weights are the softmax over channels of the masked inputs' target logits, as in
+    the paper (its score increases over a baseline differ from these by one constant per input
+    and target, which the softmax cancels). Returns cam [N, K, *S].
+    """
+
+    @dataclass
+    class Options(CAM.Options):
+        top_channels: Optional[int] = None  # only the channels of highest mean activation (null: all)
+
+        def __post_init__(self):
+            if self.top_channels is not None and self.top_channels < 1:
+                raise ValueError(f"scorecam: top_channels={self.top_channels} must be >= 1 (or null)")
+
+    def layer_cam(self, p, layer, acts):
+        x = p.x
+        mode = "bilinear" if x.dim() == 4 else "trilinear"
+
+        def masked(n, c):  # [m] -> x[n] * normalised upsampled acts[n, c]  [m, C_in, *S_in]
+            m = F.interpolate(acts[n, c].unsqueeze(1).float(), size=x.shape[2:], mode=mode, align_corners=False)
+            lo = m.flatten(1).amin(1).view(-1, *[1] * (m.dim() - 1))
+            hi = m.flatten(1).amax(1).view_as(lo)
+            return x[n] * ((m - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))).to(x.dtype)
+
+        scores, kept = channel_scores(p, acts, self.options.top_channels, masked)
+        return weighted_sum(acts, scores.softmax(-1), kept)
