@@ -1,12 +1,18 @@
 """Throughput of each technique end to end, as a ratio to a bare no-grad forward pass.
 
-    python scripts/bench.py [--n 64] [--batch-size 16] [--device auto] [--repeat 2]
+    python scripts/bench.py [--n 64] [--batch-size 16] [--device auto] [--repeat 2] [--only foundation|techniques]
 
 All runs happen in this one process on the same inputs: the bundled sample photos copied to
 --n files. The bare forward pass times only `model(x)` under no_grad on batches already decoded
 and preprocessed. Each end-to-end run is `pipeline.runner.run` (DataLoader decode -> maps ->
 HDF5 + PNG, PNGs for the first 8 inputs) and counts from the first batch to the writer's close.
 Each figure is the best of --repeat runs (this machine is shared; timings are noisy).
+
+Section "techniques" (issue 3): every registered technique end to end on --n-small inputs (one
+layer, bn2; the costly ones with the settings named in the table); Integrated Gradients with 32
+steps against 32 x saliency on one batch; Score-CAM with its masks batched (max_batch=64) against
+one mask at a time (max_batch=1); four CAM methods on three layers in one run against Grad-CAM
+alone on the same layers.
 """
 from __future__ import annotations
 
@@ -24,13 +30,15 @@ from hydra import compose, initialize_config_dir
 from pipeline.config import CONF_DIR, register_configs
 from pipeline.data import SAMPLES_DIR, prepare
 from pipeline.models import build_model
-from pipeline.runner import resolve_device, run
+from pipeline.runner import plan, resolve_device, run
+from pipeline.techniques import REGISTRY
 
+THREE = "layers=[blocks.5,blocks.6,bn2]"
 CASES = [  # (label, overrides)
     ("activations (blocks.4, bn2)", ["technique=activations", "layers=[blocks.4,bn2]"]),
     ("saliency", ["technique=saliency"]),
     ("gradcam 1 layer (bn2)", ["technique=gradcam", "layers=[bn2]"]),
-    ("gradcam 3 layers (blocks.5, blocks.6, bn2)", ["technique=gradcam", "layers=[blocks.5,blocks.6,bn2]"]),
+    ("gradcam 3 layers (blocks.5, blocks.6, bn2)", ["technique=gradcam", THREE]),
 ]
 
 
@@ -65,6 +73,69 @@ def bare_forward(cfg, paths, batch_size: int, device: torch.device, repeat: int)
     return len(paths) / best
 
 
+SLOW = {  # technique -> overrides that keep its row of the table to seconds on a CPU
+    "scorecam": ["technique.scorecam.top_channels=64"],
+    "ablationcam": ["technique.ablationcam.top_channels=64"],
+    "occlusion": ["technique.occlusion.window=56", "technique.occlusion.stride=56"],
+}
+
+
+def best_run(cfg, out: Path, repeat: int) -> float:
+    return max(run(cfg, out / str(r)).images_per_s for r in range(repeat))
+
+
+def timed(fn, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def techniques_section(common, forward: float, tmp: Path, args) -> None:
+    small = [o for o in common if not o.startswith("data.path")] + [f"data.path={tmp / 'small'}"]
+    print(f"\n# every technique end to end, {args.n_small} inputs, layer bn2 (x bare forward)")
+    print(f"{'technique':<46} {'images/s':>9} {'x forward':>10}")
+    for name in sorted(REGISTRY):
+        extra = SLOW.get(name, [])
+        cfg = compose(config_name="config", overrides=small + [f"technique={name}", "layers=[bn2]"] + extra)
+        ips = best_run(cfg, tmp / "runs" / name, 1)
+        label = name + (f" ({', '.join(e.split('.')[-1] for e in extra)})" if extra else "")
+        print(f"{label:<46} {ips:>9.2f} {ips / forward:>10.3f}", flush=True)
+
+    # IG (32 steps) against 32 saliency passes, on one batch, maps only
+    cfg = compose(config_name="config", overrides=common + ["technique=[saliency,integrated_gradients]",
+                                                            "technique.integrated_gradients.steps=32"])
+    p = plan(cfg)
+    x = torch.stack([prepare(cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB), None, p.model.preprocess)[0]
+                     for f in sorted((tmp / "images").iterdir())[: args.batch_size]]).to(p.device)
+
+    def attribute(name):
+        t = p.techniques[name]
+        return lambda: t.attribute(p.model.module, x, ["bn2"], p.target, max_batch=cfg.max_batch)
+
+    sal = timed(attribute("saliency"), args.repeat)
+    ig = timed(attribute("integrated_gradients"), args.repeat)
+    print(f"\nintegrated_gradients 32 steps: {ig:.2f} s vs saliency {sal:.3f} s on {len(x)} inputs -> "
+          f"{ig / (32 * sal):.2f} x (32 x saliency); target <= 1.2")
+
+    from pipeline.techniques import get_technique
+
+    score = get_technique("scorecam")(top_channels=32)
+    one_input = x[:2]
+    batched = timed(lambda: score.attribute(p.model.module, one_input, ["bn2"], p.target, max_batch=64), 1)
+    single = timed(lambda: score.attribute(p.model.module, one_input, ["bn2"], p.target, max_batch=1), 1)
+    print(f"scorecam, 2 inputs x 32 masks: batched (max_batch=64) {batched:.2f} s, one mask at a time "
+          f"{single:.2f} s -> {single / batched:.2f}x faster batched")
+
+    four = compose(config_name="config", overrides=common + ["technique=[gradcam,gradcampp,xgradcam,layercam]", THREE])
+    one = compose(config_name="config", overrides=common + ["technique=gradcam", THREE])
+    t4, t1 = best_run(four, tmp / "runs" / "four", args.repeat), best_run(one, tmp / "runs" / "one", args.repeat)
+    print(f"four CAM methods on three layers in one run: {t4:.1f} images/s vs Grad-CAM alone {t1:.1f} -> "
+          f"{t1 / t4:.2f}x the time of one Grad-CAM run; target <= 1.3")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=64, help="number of input images")
@@ -72,6 +143,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--n-small", type=int, default=8, help="inputs per technique in the techniques table")
+    parser.add_argument("--only", choices=["foundation", "techniques"], default=None)
     args = parser.parse_args(argv)
 
     register_configs()
@@ -79,6 +152,7 @@ def main(argv=None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
     try:
         paths = make_inputs(tmp / "images", args.n)
+        make_inputs(tmp / "small", args.n_small)
         common = [f"data=folder", f"data.path={tmp / 'images'}", f"batch_size={args.batch_size}",
                   f"device={args.device}", f"num_workers={args.num_workers}", "render.max_inputs=8"]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -89,6 +163,9 @@ def main(argv=None) -> None:
             print(f"{'case':<46} {'images/s':>9} {'x forward':>10}")
             print(f"{'bare no-grad forward (model only)':<46} {forward:>9.1f} {1.0:>10.2f}")
             results = {}
+            if args.only == "techniques":
+                techniques_section(common, forward, tmp, args)
+                return
             for label, overrides in CASES:
                 cfg = compose(config_name="config", overrides=common + overrides)
                 best = 0.0
@@ -97,9 +174,11 @@ def main(argv=None) -> None:
                     best = max(best, summary.images_per_s)
                 results[label] = best
                 print(f"{label + ' (end to end)':<46} {best:>9.1f} {best / forward:>10.2f}", flush=True)
-        one, three = results[CASES[2][0]], results[CASES[3][0]]
-        print(f"gradcam: 3 layers cost {one / three:.2f}x one layer; 3 layers end to end reach "
-              f"{three / forward:.2f}x the bare forward pass")
+            one, three = results[CASES[2][0]], results[CASES[3][0]]
+            print(f"gradcam: 3 layers cost {one / three:.2f}x one layer; 3 layers end to end reach "
+                  f"{three / forward:.2f}x the bare forward pass")
+            if args.only is None:
+                techniques_section(common, forward, tmp, args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

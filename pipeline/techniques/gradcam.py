@@ -36,12 +36,16 @@ class CAM(Technique):
         """acts [N, 1, C, *S], grads [N, K, C, *S] -> channel weights [N, K, C, *1 or *S]."""
         raise NotImplementedError
 
+    def layer_cam(self, p, layer: str, acts: torch.Tensor) -> torch.Tensor:
+        """acts [N, C, *S] -> the map before relu [N, K, *S]: sum_c weights * acts. CAMs that need
+        no gradient (Score-CAM, Ablation-CAM, Eigen-CAM) override this instead of `weights`."""
+        a = acts.unsqueeze(1)  # [N, 1, C, *S]
+        return (self.weights(a, p.layer_grads()[layer]) * a).sum(2)  # [N, K, *S]
+
     def _attribute(self, p):
-        acts, grads = p.activations(), p.layer_grads()
         maps = {}
         for layer in p.layers:
-            a = acts[layer].unsqueeze(1)  # [N, 1, C, *S]
-            cam = (self.weights(a, grads[layer]) * a).sum(2)  # [N, K, *S]
+            cam = self.layer_cam(p, layer, p.activations()[layer])
             cam = cam.clamp_min(0) if self.options.relu else cam
             maps[layer, "cam"] = resize_maps(cam, p.x.shape[2:]) if cam.dim() == 5 else cam
         return maps

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.maps import resize_maps
 from pipeline.techniques.base import ACTS, Pass, chunks, register
@@ -14,24 +13,13 @@ from pipeline.techniques.gradcam import CAM
 
 
 class ForwardCAM(CAM):
-    """A CAM from the layers' activations (and extra no-grad forwards), no gradient.
-
-    Subclasses override `layer_cam(p, layer, acts [N, C, *S]) -> [N, K, *S]`; the relu and the
-    clip-size resize of 3D maps are done here as in CAM.
-    """
+    """A CAM from the layers' activations (and extra no-grad forwards), no gradient: subclasses
+    override `layer_cam(p, layer, acts [N, C, *S]) -> [N, K, *S]`."""
 
     needs = frozenset({ACTS})
 
     def layer_cam(self, p: Pass, layer: str, acts: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    def _attribute(self, p):
-        maps = {}
-        for layer in p.layers:
-            cam = self.layer_cam(p, layer, p.activations()[layer])
-            cam = cam.clamp_min(0) if self.options.relu else cam
-            maps[layer, "cam"] = resize_maps(cam, p.x.shape[2:]) if cam.dim() == 5 else cam
-        return maps
 
 
 def channel_scores(p: Pass, acts: torch.Tensor, top: Optional[int],
@@ -79,10 +67,9 @@ class ScoreCAM(ForwardCAM):
 
     def layer_cam(self, p, layer, acts):
         x = p.x
-        mode = "bilinear" if x.dim() == 4 else "trilinear"
 
         def masked(n, c):  # [m] -> x[n] * normalised upsampled acts[n, c]  [m, C_in, *S_in]
-            m = F.interpolate(acts[n, c].unsqueeze(1).float(), size=x.shape[2:], mode=mode, align_corners=False)
+            m = resize_maps(acts[n, c].unsqueeze(1), x.shape[2:])  # [m, 1, *S_in]
             lo = m.flatten(1).amin(1).view(-1, *[1] * (m.dim() - 1))
             hi = m.flatten(1).amax(1).view_as(lo)
             return x[n] * ((m - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))).to(x.dtype)
