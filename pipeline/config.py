@@ -86,7 +86,7 @@ class Config:
     layers: List[str] = II("model.layers")  # module names or glob patterns
     target: str = "pred"  # pred | <int> | topk:<k> | "<class name>"
     batch_size: int = 16
-    max_batch: int = 64  # memory budget: most rows in one forward when a technique expands the batch
+    max_batch: int = II("batch_size")  # memory budget: most rows per forward when a technique expands a batch
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     num_workers: int = 2

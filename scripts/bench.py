@@ -143,7 +143,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--n-small", type=int, default=8, help="inputs per technique in the techniques table")
+    parser.add_argument("--n-small", type=int, default=16, help="inputs per technique in the techniques table")
     parser.add_argument("--only", choices=["foundation", "techniques"], default=None)
     args = parser.parse_args(argv)
 
