@@ -54,10 +54,17 @@ def weight(image: Tile, m01: np.ndarray) -> Tile:
     return np.uint8(image.astype(np.float32) * m01[..., None])
 
 
+def fit(tile: Tile, size: int) -> Tile:
+    """Resize a square image to size x size (area when shrinking)."""
+    if tile.shape[:2] == (size, size):
+        return tile
+    inter = cv2.INTER_AREA if tile.shape[0] > size else cv2.INTER_LINEAR
+    return cv2.resize(tile, (size, size), interpolation=inter)
+
+
 def label(tile: Tile, text: str, size: int) -> Tile:
     """Resize to size x size and write `text` on a dark strip at the top, shrunk to fit."""
-    inter = cv2.INTER_AREA if tile.shape[0] > size else cv2.INTER_LINEAR
-    tile = cv2.resize(tile, (size, size), interpolation=inter).copy()
+    tile = fit(tile, size).copy()
     font, scale = cv2.FONT_HERSHEY_SIMPLEX, max(0.3, size / 400)
     (width, height), _ = cv2.getTextSize(text, font, scale, 1)
     if width > size - 6:
@@ -109,7 +116,8 @@ def technique_rows(
     if image.ndim == 4:
         return clip_rows(technique, kinds, maps, image, title, targets, cfg)
     size, colormap, alpha, channels = cfg.tile, cfg.colormap, cfg.alpha, cfg.channels
-    side = image.shape[0]
+    image = fit(image, size)  # draw at tile size: nothing is composited larger than it is shown
+    side = size
     first = label(image, title, size)
     rows: List[List[Tile]] = []
     for (layer, output), m in maps.items():
@@ -146,7 +154,8 @@ def clip_rows(technique, kinds, maps, clip: np.ndarray, title: str, targets, cfg
     channels averaged over time, beside the middle frame.
     """
     size, T = cfg.tile, clip.shape[0]
-    side = clip.shape[1]
+    clip = np.stack([fit(frame, size) for frame in clip])
+    side = size
     picks = np.unique(np.linspace(0, T - 1, min(cfg.frames, T)).round().astype(int))
     first = label(clip[picks[0]], title, size)
     rows: List[List[Tile]] = []
