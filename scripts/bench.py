@@ -8,7 +8,7 @@ and preprocessed. Each end-to-end run is `pipeline.runner.run` (DataLoader decod
 HDF5 + PNG, PNGs for the first 8 inputs) and counts from the first batch to the writer's close.
 Each figure is the best of --repeat runs (this machine is shared; timings are noisy).
 
-Section "techniques" (issue 3): every registered technique end to end on --n-small inputs (one
+Section "techniques" (issue 3; `--only comparisons` skips its table): every registered technique end to end on --n-small inputs (one
 layer, bn2; the costly ones with the settings named in the table); Integrated Gradients with 32
 steps against 32 x saliency on one batch; Score-CAM with its masks batched (max_batch=64) against
 one mask at a time (max_batch=1); four CAM methods on three layers in one run against Grad-CAM
@@ -94,6 +94,12 @@ def timed(fn, repeat: int) -> float:
 
 
 def techniques_section(common, forward: float, tmp: Path, args) -> None:
+    if args.only != "comparisons":
+        technique_table(common, forward, tmp, args)
+    comparisons(common, tmp, args)
+
+
+def technique_table(common, forward: float, tmp: Path, args) -> None:
     small = [o for o in common if not o.startswith("data.path")] + [f"data.path={tmp / 'small'}"]
     print(f"\n# every technique end to end, {args.n_small} inputs, layer bn2 (x bare forward)")
     print(f"{'technique':<46} {'images/s':>9} {'x forward':>10}")
@@ -104,6 +110,8 @@ def techniques_section(common, forward: float, tmp: Path, args) -> None:
         label = name + (f" ({', '.join(e.split('.')[-1] for e in extra)})" if extra else "")
         print(f"{label:<46} {ips:>9.2f} {ips / forward:>10.3f}", flush=True)
 
+
+def comparisons(common, tmp: Path, args) -> None:
     # IG (32 steps) against 32 saliency passes, on one batch, maps only
     cfg = compose(config_name="config", overrides=common + ["technique=[saliency,integrated_gradients]",
                                                             "technique.integrated_gradients.steps=32"])
@@ -124,9 +132,9 @@ def techniques_section(common, forward: float, tmp: Path, args) -> None:
 
     score = get_technique("scorecam")(top_channels=32)
     one_input = x[:2]
-    batched = timed(lambda: score.attribute(p.model.module, one_input, ["bn2"], p.target, max_batch=64), 1)
-    single = timed(lambda: score.attribute(p.model.module, one_input, ["bn2"], p.target, max_batch=1), 1)
-    print(f"scorecam, 2 inputs x 32 masks: batched (max_batch=64) {batched:.2f} s, one mask at a time "
+    batched = timed(lambda: score.attribute(p.model.module, one_input, ["bn2"], p.target, max_batch=cfg.max_batch), args.repeat)
+    single = timed(lambda: score.attribute(p.model.module, one_input, ["bn2"], p.target, max_batch=1), args.repeat)
+    print(f"scorecam, 2 inputs x 32 masks: batched (max_batch={cfg.max_batch}) {batched:.2f} s, one mask at a time "
           f"{single:.2f} s -> {single / batched:.2f}x faster batched")
 
     four = compose(config_name="config", overrides=common + ["technique=[gradcam,gradcampp,xgradcam,layercam]", THREE])
@@ -144,7 +152,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--n-small", type=int, default=16, help="inputs per technique in the techniques table")
-    parser.add_argument("--only", choices=["foundation", "techniques"], default=None)
+    parser.add_argument("--only", choices=["foundation", "techniques", "comparisons"], default=None)
     args = parser.parse_args(argv)
 
     register_configs()
@@ -163,7 +171,7 @@ def main(argv=None) -> None:
             print(f"{'case':<46} {'images/s':>9} {'x forward':>10}")
             print(f"{'bare no-grad forward (model only)':<46} {forward:>9.1f} {1.0:>10.2f}")
             results = {}
-            if args.only == "techniques":
+            if args.only in ("techniques", "comparisons"):
                 techniques_section(common, forward, tmp, args)
                 return
             for label, overrides in CASES:
