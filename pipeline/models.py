@@ -214,8 +214,14 @@ def build_model(cfg, device: torch.device | str = "cpu", clip_len: Optional[int]
         raise ConfigError(f"model.resize={preprocess.resize} is smaller than model.input_size={preprocess.input_size}")
     video = not isinstance(model, torch.jit.ScriptModule) and is_video_model(model)
     loaded = LoadedModel(model, preprocess, names, desc, 0, (clip_len or 16) if video else None)
-    with torch.no_grad():
-        loaded.num_classes = int(model(loaded.example(device)).shape[-1])
+    example = loaded.example(device)
+    try:
+        with torch.no_grad():
+            loaded.num_classes = int(model(example).shape[-1])
+    except RuntimeError as err:
+        hint = " (a video model may need a longer data.clip_len)" if video else " (check model.input_size)"
+        raise ConfigError(f"{desc} cannot run on an input of shape {list(example.shape)}{hint}: "
+                          f"{str(err).splitlines()[0]}") from None
     if loaded.class_names is None and loaded.num_classes == 1000:
         loaded.class_names = imagenet_classes()
     return loaded

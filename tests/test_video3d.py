@@ -84,10 +84,23 @@ def test_3d_model_without_clips_and_clips_without_3d_model_fail_early(make_cfg, 
         run(make_cfg(*overrides), tmp_path / "b")
 
 
-def test_torchvision_video_model_takes_its_own_preprocessing(make_cfg):
-    from pipeline.models import build_model
+@pytest.mark.parametrize("name", ["r3d_18", "mc3_18", "r2plus1d_18"])
+def test_torchvision_video_models_take_their_own_preprocessing_and_give_per_frame_cams(make_cfg, name):
+    from pipeline.models import build_model, last_conv_block, probe_shapes
 
-    loaded = build_model(make_cfg("model=torchvision", "model.name=r3d_18", "model.weights=null").model, clip_len=8)
+    loaded = build_model(make_cfg("model=torchvision", f"model.name={name}", "model.weights=null").model, clip_len=8)
     assert loaded.is_video and loaded.example().shape == (1, 3, 8, 112, 112)
     assert loaded.preprocess.resize == 128 and loaded.preprocess.mean[0] == pytest.approx(0.43216)
     assert loaded.num_classes == 400
+    layer = last_conv_block(loaded.module, probe_shapes(loaded.module, loaded.example()))
+    assert layer == "layer4"
+    cam = get_technique("gradcam")().attribute(loaded.module, torch.rand(1, 3, 8, 112, 112), [layer],
+                                               TargetSpec.parse("pred")).maps[layer, "cam"]
+    assert cam.shape == (1, 1, 8, 112, 112)
+
+
+def test_a_clip_too_short_for_the_model_is_a_config_error(make_cfg):
+    from pipeline.models import build_model
+
+    with pytest.raises(ConfigError, match="clip_len"):
+        build_model(make_cfg("model=torchvision", "model.name=s3d", "model.weights=null").model, clip_len=8)
