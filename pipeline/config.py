@@ -117,10 +117,10 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"data.kind={cfg.data.kind!r}: expected one of {DATA_KINDS}")
     if str(cfg.target).startswith("topk:") and not _TOPK.match(str(cfg.target)):
         raise ConfigError(f"target={cfg.target!r}: topk needs a whole number >= 1, e.g. topk:3")
-    if cfg.max_batch < 1:
-        raise ConfigError(f"max_batch={cfg.max_batch} must be at least 1")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size} must be at least 1")
+    if cfg.max_batch < 1:
+        raise ConfigError(f"max_batch={cfg.max_batch} must be at least 1")
     if cfg.num_workers < 0:
         raise ConfigError(f"num_workers={cfg.num_workers} must be 0 or more")
     if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", cfg.device):
