@@ -67,6 +67,7 @@ class RenderConfig:
     channels: int = 8  # top channels drawn per layer for channel maps
     tile: int = 160  # tile side in pixels
     frames: int = 8  # clips: frames drawn per row, evenly spaced over the clip
+    gallery_columns: int = 16  # data-free techniques: tiles per row of png/<technique>.png
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pipeline.data import Source, build_source, make_loader
 from pipeline.evaluation import SanityCheck, deletion_insertion, heatmaps
 from pipeline.io.h5 import MapsFile
 from pipeline.io.plots import write_plots
+from pipeline.io.render import render_gallery
 from pipeline.io.writer import AsyncWriter, BatchRecord
 from pipeline.models import LoadedModel, build_model, last_conv_block, probe_shapes, resolve_layers
 from pipeline.targets import TargetSpec
@@ -114,6 +115,8 @@ def plan(cfg) -> Plan:
             layers = resolve_layers(model.module, cfg.layers) if cfg.layers else [last_conv_block(model.module, shapes)]
             for technique in layered:
                 technique.check_layers({layer: shapes.get(layer) for layer in layers})
+        for technique in techniques.values():
+            technique.check_model(model.module, layers if technique.uses_layers else [])
     except ValueError as err:  # ConfigError included
         raise ConfigError(str(err)) from None
     sanity = SanityCheck(model.module, cfg.evaluate.sanity_steps, cfg.seed) if cfg.evaluate.sanity else None
@@ -154,15 +157,17 @@ def run(cfg, out_dir: str | Path) -> Summary:
     maps_file = MapsFile(out_dir / "maps.h5", run_key(p), attrs)
     if p.model.class_names:
         maps_file.write_once("classes", np.array(p.model.class_names, dtype=object))
+    _generate(p, maps_file, out_dir)
+    per_input = {name: t for name, t in p.techniques.items() if t.uses_data}
     done_ids = maps_file.done_ids()
-    todo = [it for it in p.source.items if it.id not in done_ids]
-    pre_skipped = [s for s in p.source.skipped if s.id not in done_ids]
+    todo = [it for it in p.source.items if it.id not in done_ids] if per_input else []
+    pre_skipped = [s for s in p.source.skipped if s.id not in done_ids] if per_input else []
     if done_ids:
         log.info("resuming %s: %d inputs already done, %d to go", out_dir, len(done_ids), len(todo))
     log.info("model %s on %s; layers %s; techniques %s; %d inputs", p.model.description, p.device,
              p.layers, list(p.techniques), len(todo))
 
-    kinds = {name: dict(t.outputs) for name, t in p.techniques.items()}
+    kinds = {name: dict(t.outputs) for name, t in per_input.items()}
     writer = AsyncWriter(maps_file, out_dir, cfg.render, kinds, p.model.class_name)
     skipped = len(pre_skipped)
     done = 0
@@ -197,6 +202,23 @@ def run(cfg, out_dir: str | Path) -> Summary:
     return summary
 
 
+def _generate(p: Plan, maps_file: MapsFile, out_dir: Path) -> None:
+    """Data-free techniques (kernels, filter / class visualization): once per run, before the
+    inputs; a group already complete in maps.h5 (a resumed run) is not computed again."""
+    for name, technique in p.techniques.items():
+        if technique.uses_data or maps_file.has(name):
+            continue
+        log.info("%s: generating (no input data needed)", name)
+        generator = torch.Generator(device=p.device).manual_seed(p.cfg.seed)
+        results = technique.generate(p.model.module, p.layers if technique.uses_layers else [],
+                                     device=p.device, generator=generator, max_batch=p.cfg.max_batch,
+                                     class_names=p.model.class_names, preprocess=p.model.preprocess)
+        arrays = {key: t.detach().cpu().numpy() if torch.is_tensor(t) else np.asarray(t) for key, t in results.items()}
+        maps_file.write_group(name, {f"{layer}/{output}": a for (layer, output), a in arrays.items()})
+        if p.cfg.render.png and render_gallery(out_dir, name, arrays, p.cfg.render):
+            log.info("wrote %s", out_dir / "png" / f"{name}.png")
+
+
 def _evaluate(p: Plan, x, maps, targets, generator) -> dict:
     """Extra columns from `evaluate.*`: deletion / insertion curves and sanity correlations."""
     ev, out = p.cfg.evaluate, {}
@@ -217,12 +239,13 @@ def _evaluate(p: Plan, x, maps, targets, generator) -> dict:
 
 def _compute(p: Plan, batch) -> BatchRecord:
     x = batch.x.to(p.device, non_blocking=True)
-    needs = frozenset().union(*(t.needs for t in p.techniques.values()))
+    techniques = {name: t for name, t in p.techniques.items() if t.uses_data}
+    needs = frozenset().union(*(t.needs for t in techniques.values()))
     generator = torch.Generator(device=x.device).manual_seed(p.cfg.seed)
     shared = Pass(p.model.module, x, p.layers, p.target, max_batch=p.cfg.max_batch, needs=needs,
                   generator=generator)
     maps = {}
-    for name, technique in p.techniques.items():
+    for name, technique in techniques.items():
         result = technique.attribute(p.model.module, x, p.layers, p.target, shared=shared)
         for (layer, output), tensor in result.maps.items():
             maps[name, layer, output] = tensor.detach()

@@ -116,6 +116,22 @@ class MapsFile:
         self.f.attrs["skipped_rows"] = self.skipped_rows
         self.f.flush()
 
+    def has(self, name: str) -> bool:
+        return name in self.f
+
+    def write_group(self, group: str, arrays: Dict[str, np.ndarray]) -> None:
+        """Fixed-size results of a data-free technique under `group`; the group is marked complete
+        last, so a run killed mid-write redoes it (and `has(group)` stays False until then)."""
+        for stale in (group, group + ".partial"):
+            if stale in self.f:
+                del self.f[stale]
+        g = self.f.create_group(group + ".partial")
+        for name, data in arrays.items():
+            g.create_dataset(name, data=data, compression="lzf" if data.size > 1024 else None)
+        self.f.flush()
+        self.f.move(group + ".partial", group)
+        self.f.flush()
+
     def write_once(self, name: str, data: np.ndarray) -> None:
         """A dataset that does not grow with rows (e.g. class names)."""
         if name not in self.f:

@@ -109,6 +109,7 @@ def technique_rows(
     heatmap  [K, h, w]     -> per target: input | overlay | input weighted by the map
     gradient [K, C, H, W]  -> per target: input | signed colour image | grey max-abs image
     channels [C, h, w]     -> the `channels` most activated channels, each in `colormap`
+    image    [3, H, W]     -> input | the image made from it (uint8), e.g. a dream or an inversion
     A clip (image [T, S, S, 3]) is drawn by `clip_rows` instead.
     """
     if targets:
@@ -135,6 +136,8 @@ def technique_rows(
                 text = f"{technique} {layer} | {cls} {score:.2f}" if layer != "input" else f"{technique} | {cls} {score:.2f}"
                 rows.append([first, label(colour, text, size),
                              label(grey(normalize(np.abs(g).max(2), 99.0)), f"{technique} grey", size)])
+        elif kind == "image" and m.ndim == 3:  # [3, H, W] uint8 made from this input
+            rows.append([first, label(np.ascontiguousarray(m.transpose(1, 2, 0)), f"{technique} {layer}", size)])
         elif kind == "channels" and m.ndim == 3:
             means = m.reshape(m.shape[0], -1).mean(1)
             top = np.argsort(-means, kind="stable")[:channels]
@@ -198,5 +201,28 @@ def render_input(
     if not rows:
         return None
     path = out_dir / "png" / technique / f"{safe_name(item_id)}.png"
+    write_png(path, grid(rows, cfg.tile))
+    return path
+
+
+def render_gallery(out_dir, technique: str, results: Dict[Tuple[str, str], np.ndarray], cfg) -> Optional[object]:
+    """png/<technique>.png: one row per layer of its synthesized images [M, 3, H, W] uint8, each tile
+    titled with the layer, the index (channel or class) and the final objective value."""
+    rows: List[List[Tile]] = []
+    for layer in dict.fromkeys(layer for layer, _ in results):
+        images = results.get((layer, "images"))
+        if images is None:
+            continue
+        index = results.get((layer, "index"), np.arange(len(images)))
+        objective = results.get((layer, "objective"))
+        row = []
+        for i, img in enumerate(images):
+            text = f"{layer} {int(index[i])}" + (f" {float(objective[i, -1]):.2f}" if objective is not None else "")
+            row.append(label(fit(np.ascontiguousarray(img.transpose(1, 2, 0)), cfg.tile), text, cfg.tile))
+        per_row = max(1, cfg.gallery_columns)
+        rows.extend(row[j:j + per_row] for j in range(0, len(row), per_row))
+    if not rows:
+        return None
+    path = out_dir / "png" / f"{technique}.png"
     write_png(path, grid(rows, cfg.tile))
     return path

@@ -14,6 +14,13 @@ Each technique declares its `outputs`: output name -> how it is drawn
   "gradient" [N, K, 3, H, W] or [N, K, 3, T, H, W]  a signed input-space map: colour and grey images
   "channels" [N, C, h, w]                        feature maps, the top channels drawn as a grid
   "data"     any shape                           stored, not drawn
+  "image"    [N, 3, H, W] uint8                  an image made from each input (dream, inversion)
+  "gallery"  [M, 3, H, W] uint8                  synthesized images (data-free techniques), drawn as
+                                                 a grid titled with the layer, the "index" output
+                                                 (channel or class) and the last "objective" value
+
+Techniques with `uses_data = False` (kernels, filter and class visualization) need no inputs: the
+runner calls their `generate()` once per run and stores its arrays under `<technique>/<layer>/`.
 """
 from __future__ import annotations
 
@@ -221,6 +228,7 @@ class Technique:
     uses_layers: ClassVar[bool] = True  # False: maps live in input space (layer "input")
     needs: ClassVar[FrozenSet[str]] = frozenset()  # shared Pass computations it uses
     torchscript: ClassVar[bool] = True  # False: needs the model's Python modules (refused on TorchScript)
+    uses_data: ClassVar[bool] = True  # False: generate() once per run instead of per batch
 
     @dataclass
     class Options:
@@ -238,6 +246,10 @@ class Technique:
         for layer, shape in shapes.items():
             if shape is None:
                 raise ValueError(f"{self.name}: layer {layer!r} does not output a single tensor")
+
+    def check_model(self, model: nn.Module, layers: Sequence[str]) -> None:
+        """Raise ValueError before any work if this model or these layers cannot be used (beyond
+        what `check_layers` sees from shapes)."""
 
     def setup(self, model) -> None:
         """Called once by the runner with the LoadedModel before any work (e.g. to read its
@@ -261,6 +273,13 @@ class Technique:
 
     def _attribute(self, p: Pass) -> Dict[Tuple[str, str], torch.Tensor]:
         raise NotImplementedError
+
+    def generate(self, model: nn.Module, layers: Sequence[str], *, device: torch.device,
+                 generator: torch.Generator, max_batch: int, class_names: Optional[Sequence[str]] = None,
+                 preprocess=None) -> Dict[Tuple[str, str], torch.Tensor]:
+        """Data-free techniques: {(layer, output): array} computed once per run, e.g.
+        (layer, "images") uint8 [M, 3, H, W], (layer, "index") [M], (layer, "objective") [M, steps]."""
+        raise NotImplementedError(f"{self.name} works on inputs; it has no generate()")
 
 
 def target_scores(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
