@@ -96,18 +96,15 @@ def plan(cfg) -> Plan:
             technique.setup(model)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    scripted = isinstance(model.module, torch.jit.ScriptModule)
-    refused = [name for name, t in techniques.items() if scripted and not t.torchscript]
-    if refused:
-        raise ConfigError(f"{refused} need the model's Python modules, and a TorchScript model has none; "
-                          "save a state dict and set model.arch")
+    if isinstance(model.module, torch.jit.ScriptModule):
+        refused = [name for name, t in techniques.items() if t.uses_layers or not t.torchscript]
+        if refused:
+            raise ConfigError(
+                f"{refused} need the model's Python modules (layers to hook, ReLUs to reroute) and a "
+                "TorchScript model has none; use an input-space technique (saliency, gradxinput, "
+                "smoothgrad, integrated_gradients, occlusion) or save a state dict and set model.arch")
     layers: List[str] = []
     layered = [t for t in techniques.values() if t.uses_layers]
-    if layered and isinstance(model.module, torch.jit.ScriptModule):
-        raise ConfigError(
-            f"{[t.name for t in layered]} need the model's layers, and a TorchScript model cannot be "
-            "hooked; use an input-space technique (technique=saliency) or save a state dict and set model.arch"
-        )
     try:
         target.check(model.num_classes)
         if layered:

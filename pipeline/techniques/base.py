@@ -209,18 +209,6 @@ class Pass:
                 out[s] = self.model(inputs[s]).gather(1, classes[s, None])[:, 0]
         return out
 
-    def batched_input_grads(self, inputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """d(logit of classes[m])/d(inputs[m]) for many inputs, at most max_batch per pass.
-
-        inputs [M, C, ...], classes [M] -> [M, C, ...]."""
-        out = torch.empty_like(inputs)
-        for s in chunks(inputs.shape[0], self.max_batch):
-            x = inputs[s].detach().requires_grad_(True)
-            with torch.enable_grad():
-                score = self.model(x).gather(1, classes[s, None]).sum()
-                out[s] = torch.autograd.grad(score, x)[0]
-        return out
-
 
 class Technique:
     name: ClassVar[str]
@@ -285,8 +273,3 @@ class Technique:
 def target_scores(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
     """Sum over the batch of the logit of each row's k-th target (a scalar to differentiate)."""
     return logits.gather(1, targets[:, k : k + 1]).sum()
-
-
-def expand_targets(targets: torch.Tensor, copies: int) -> torch.Tensor:
-    """[N, K] -> [K, N * copies]: per target k, each row's class repeated for its copies."""
-    return targets.t().repeat_interleave(copies, dim=1)
