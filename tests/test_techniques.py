@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from pipeline.hooks import capture, hook_count
+from pipeline.models import Preprocess
 from pipeline.targets import TargetSpec
 from pipeline.techniques import REGISTRY, get_technique, register
 from tests.tinymodels import tiny_net
@@ -29,6 +30,9 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+WEIGHTS_ONLY = {"kernels"}  # data-free techniques that read Conv2d weights and never run the model
+
+
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 @pytest.mark.parametrize("raising", [False, True])
 def test_no_hooks_left_and_model_unchanged(name, raising):
@@ -39,7 +43,23 @@ def test_no_hooks_left_and_model_unchanged(name, raising):
     model.boom.armed = raising
     x = torch.rand(2, 3, 16, 16)
     technique = make(name)
-    if raising:
+    if not technique.uses_data:  # data-free (filter / class visualization): generate(), small options
+        small = dict(steps=2, channels="0-1", classes="0,1", size=16)
+        fields = technique.Options.__dataclass_fields__
+        technique = make(name, **{k: v for k, v in small.items() if k in fields})
+        layers = ["relu1", "conv2"] if technique.uses_layers else []
+        layers = ["conv1", "conv2"] if name in WEIGHTS_ONLY else layers
+        call = lambda: technique.generate(model, layers, device=torch.device("cpu"),
+                                          generator=torch.Generator().manual_seed(0), max_batch=8, class_names=None,
+                                          preprocess=Preprocess(16, 16, "area", (0.5,) * 3, (0.5,) * 3))
+        if raising and name in WEIGHTS_ONLY:
+            assert call()  # never runs the model, so the armed Boom cannot fire
+        elif raising:
+            with pytest.raises(RuntimeError, match="boom"):
+                call()
+        else:
+            assert call()
+    elif raising:
         with pytest.raises(RuntimeError, match="boom"):
             technique.attribute(model, x, ["relu1", "conv2"], TargetSpec.parse("topk:2"))
     else:

@@ -20,6 +20,12 @@ def test_every_technique_gives_per_frame_maps_shaped_like_the_clip(name):
     model = TinyNet3D().eval()
     x = torch.rand(2, 3, T, H, W)
     technique = get_technique(name)()
+    if not technique.uses_data:
+        pytest.skip(f"{name} is data-free (generate(), no per-clip maps)")
+    if not technique.video:  # images only: refused before any work on a 3D model
+        with pytest.raises(ValueError, match="clips|3D|5-D|video"):
+            technique.check_layers({"relu1": (1, 4, T, H, W), "relu2": (1, 8, T, 8, 8)})
+        return
     result = technique.attribute(model, x, ["relu1", "relu2"], TargetSpec.parse("topk:2"), max_batch=16)
     drawn = 0
     for (layer, output), m in result.maps.items():

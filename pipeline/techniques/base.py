@@ -217,6 +217,7 @@ class Technique:
     needs: ClassVar[FrozenSet[str]] = frozenset()  # shared Pass computations it uses
     torchscript: ClassVar[bool] = True  # False: needs the model's Python modules (refused on TorchScript)
     uses_data: ClassVar[bool] = True  # False: generate() once per run instead of per batch
+    video: ClassVar[bool] = True  # False: images only; refused (check_layers) on 3D video models
 
     @dataclass
     class Options:

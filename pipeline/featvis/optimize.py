@@ -1,0 +1,106 @@
+"""Gradient ascent on the input image, and the coarse-to-fine (upscale + blur) schedule.
+
+Only the image parameters get gradients (torch.autograd.grad w.r.t. them, never the model's
+parameters); the model is only read, its layers through `pipeline.hooks.capture`.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.featvis import params as P
+from pipeline.featvis.objectives import Objective
+from pipeline.featvis.transforms import Transform
+from pipeline.hooks import capture
+
+# Named recipes: option overrides. resnet34: the multi-scale recipe (start 56 px, 20 Adam steps at
+# lr 0.1, then 12 times: upscale x1.2 and box-blur 5 px, 20 more steps) -> about 500 px images.
+PRESETS: Dict[str, Dict[str, object]] = {
+    "resnet34": dict(size=56, steps=20, lr=0.1, upscalings=12, upscale_factor=1.2, blur=5, param="pixel"),
+}
+
+
+def row_generators(generator: torch.Generator, rows: int) -> List[torch.Generator]:
+    """One generator per row, seeded from `generator`: draw all seeds first, then chunk, so the
+    images do not depend on max_batch."""
+    seeds = torch.randint(0, 2**62, (rows,), generator=generator, device=generator.device).tolist()
+    return [torch.Generator(device=generator.device).manual_seed(s) for s in seeds]
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> uint8."""
+    return (image.detach().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def normalize(image: torch.Tensor, preprocess) -> torch.Tensor:
+    if preprocess is None:
+        return image
+    mean = torch.tensor(preprocess.mean, dtype=image.dtype, device=image.device)[:, None, None]
+    std = torch.tensor(preprocess.std, dtype=image.dtype, device=image.device)[:, None, None]
+    return (image - mean) / std
+
+
+def optimize(model: nn.Module, objective: Objective, param: P.Param, *, steps: int, lr: float,
+             transform: Optional[Transform] = None, generators: Sequence[torch.Generator] = (),
+             preprocess=None, track: Optional[Objective] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Maximize `objective` (summed over rows) with Adam on `param` = (params, image_fn).
+
+    `transform` runs on each row with that row's generator (generators[b]) before the model sees
+    (pixel - mean) / std. Returns the final image [B, 3, H, W] in [0, 1] (detached) and the tracked
+    objective (default: `objective`) at each step [B, steps], evaluated before that step's update.
+    """
+    tensors, image_fn = param
+    opt = torch.optim.Adam(tensors, lr=lr)
+    track = track or objective
+    layers = list(dict.fromkeys(objective.layers + track.layers))
+    history = []
+    with torch.enable_grad(), capture(model, layers, grad=True) as acts:
+        for _ in range(steps):
+            image = image_fn()  # [B, 3, H, W]
+            seen = image
+            if transform is not None:
+                seen = torch.cat([transform(image[b:b + 1], g) for b, g in enumerate(generators)])
+            logits = model(normalize(seen, preprocess))
+            value = objective(acts, logits, image)  # [B]
+            history.append((value if track is objective else track(acts, logits, image)).detach())
+            grads = torch.autograd.grad(-value.sum(), tensors)
+            for t, g in zip(tensors, grads):
+                t.grad = g
+            opt.step()
+            for t in tensors:
+                t.grad = None
+    with torch.no_grad():
+        image = image_fn().detach()
+    return image, torch.stack(history, 1) if history else image.new_zeros(image.shape[0], 0)
+
+
+def box_blur(image: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Mean over a kernel x kernel window, reflected borders, same size (kernel <= 1: unchanged)."""
+    if kernel <= 1:
+        return image
+    lo, hi = (kernel - 1) // 2, kernel // 2
+    return F.avg_pool2d(F.pad(image, (lo, hi, lo, hi), mode="reflect"), kernel, stride=1)
+
+
+def visualize(model: nn.Module, objective: Objective, *, batch: int, generators: Sequence[torch.Generator],
+              device, size: int, steps: int, lr: float, param: str = "fourier", decorrelate: bool = True,
+              init_sd: float = 0.01, transform: Optional[Transform] = None, preprocess=None,
+              upscalings: int = 0, upscale_factor: float = 1.2, blur: int = 0,
+              track: Optional[Objective] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Initialize `param` (row b from generators[b]), optimize `steps` steps, then `upscalings` times:
+    upscale by `upscale_factor` (bicubic), box-blur, re-parameterize and optimize `steps` more.
+    Returns images uint8 [B, 3, S, S] and the objective per step [B, steps * (upscalings + 1)]."""
+    current = P.make(param, batch, size, list(generators), device, decorrelate, init_sd)
+    histories = []
+    for level in range(upscalings + 1):
+        if level:
+            size = max(size + 1, round(size * upscale_factor))
+            image = F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False)
+            current = P.from_image(param, box_blur(image.clamp(0, 1), blur), decorrelate)
+        image, history = optimize(model, objective, current, steps=steps, lr=lr, transform=transform,
+                                  generators=generators, preprocess=preprocess, track=track)
+        histories.append(history)
+    return to_uint8(image), torch.cat(histories, 1)

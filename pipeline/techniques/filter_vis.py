@@ -1,0 +1,125 @@
+"""Filter visualization: activation maximization of chosen channels (Olah et al. 2017,
+https://distill.pub/2017/feature-visualization/), Lucid-style or with a coarse-to-fine preset."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import List, Optional
+
+import torch
+
+from pipeline.featvis import PRESETS, objectives, row_generators, transforms, visualize
+from pipeline.featvis.optimize import normalize
+from pipeline.hooks import capture
+from pipeline.techniques.base import Technique, chunks, register
+
+
+def parse_channels(text, count: Optional[int] = None) -> List[int]:
+    """"all", "0-63", "0-3,7,9", an int or a list -> channel ids; out of range (with `count`) raises."""
+    if isinstance(text, (list, tuple)):
+        ids = [int(c) for c in text]
+    elif str(text).strip() == "all":
+        if count is None:
+            raise ValueError("channels=all needs the layer's channel count")
+        ids = list(range(count))
+    else:
+        ids = []
+        for part in str(text).replace(" ", "").split(","):
+            lo, sep, hi = part.partition("-")
+            if not lo.isdigit() or (sep and not hi.isdigit()):
+                raise ValueError(f"channels={text!r}: expected all, ids and ranges like 0-3,7,9")
+            ids.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    if not ids:
+        raise ValueError(f"channels={text!r} selects no channel")
+    if count is not None and not all(0 <= c < count for c in ids):
+        raise ValueError(f"channels={text!r}: the layer has {count} channels (0-{count - 1})")
+    return ids
+
+
+def make_transform(jitter: int, scales, degrees):
+    return transforms.compose(transforms.jitter(jitter), transforms.random_scale(list(scales)),
+                              transforms.random_rotate(list(degrees)))
+
+
+def layer_channels(model, layers, size: int, device, preprocess) -> dict:
+    """{layer: channel count} from one forward of a grey image."""
+    with torch.no_grad(), capture(model, layers) as acts:
+        model(normalize(torch.full((1, 3, size, size), 0.5, device=device), preprocess))
+    return {layer: acts[layer].shape[1] for layer in layers}
+
+
+@register("filter_vis")
+class FilterVis(Technique):
+    """Images that maximize each chosen channel of each chosen layer, one channel per batch row,
+    max_batch rows at a time. Returns per layer images uint8 [M, 3, S, S], index [M] (channel ids)
+    and objective [M, steps * (upscalings + 1)] (the channel/neuron activation at each step)."""
+
+    outputs = {"images": "gallery", "index": "data", "objective": "data"}
+    uses_data = False
+
+    @dataclass
+    class Options:
+        channels: str = "0-7"  # all | 0-63 | 0-3,7,9
+        objective: str = "channel"  # channel (mean over positions) | neuron (centre position)
+        param: str = "fourier"  # fourier (decorrelated 1/f spectrum) | pixel
+        decorrelate: bool = True  # fourier: ImageNet colour decorrelation
+        init_sd: float = 0.01  # std of the random initial parameters (0: a grey image)
+        preset: Optional[str] = None  # resnet34: 56 px, 20 steps x 13 scales (x1.2), lr 0.1, blur 5
+        size: int = 128
+        steps: int = 256
+        lr: float = 0.05
+        upscalings: int = 0
+        upscale_factor: float = 1.2
+        blur: int = 0  # box-blur kernel after each upscaling
+        jitter: int = 8  # px
+        scales: List[float] = field(default_factory=lambda: [1.0, 0.975, 1.025, 0.95, 1.05])
+        degrees: List[float] = field(default_factory=lambda: [-5.0, 0.0, 5.0])
+        l1: float = 0.0
+        l2: float = 0.0
+        tv: float = 0.0
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        o = self.options
+        if o.preset is not None:
+            if o.preset not in PRESETS:
+                raise ValueError(f"unknown preset {o.preset!r}; known: {', '.join(PRESETS)}")
+            self.options = o = replace(o, **PRESETS[o.preset])
+        if o.objective not in ("channel", "neuron"):
+            raise ValueError(f"objective={o.objective!r}: expected channel or neuron")
+        if o.param not in ("pixel", "fourier"):
+            raise ValueError(f"param={o.param!r}: expected pixel or fourier")
+        if str(o.channels).strip() != "all":
+            parse_channels(o.channels)  # a malformed list fails at start-up
+
+    def check_layers(self, shapes):
+        super().check_layers(shapes)
+        for layer, shape in shapes.items():
+            if len(shape) != 4:
+                raise ValueError(f"{self.name}: layer {layer!r} outputs shape {list(shape)}; "
+                                 "it needs a 2D feature map [N, C, h, w]")
+            parse_channels(self.options.channels, shape[1])
+
+    def generate(self, model, layers, *, device, generator, max_batch, class_names=None, preprocess=None):
+        o = self.options
+        counts = layer_channels(model, layers, o.size, device, preprocess)
+        transform = make_transform(o.jitter, o.scales, o.degrees)
+        pick = objectives.channel if o.objective == "channel" else objectives.neuron
+        out = {}
+        for layer in layers:
+            ids = torch.tensor(parse_channels(o.channels, counts[layer]), device=device)
+            gens = row_generators(generator, len(ids))
+            images, history = [], []
+            for s in chunks(len(ids), max_batch):
+                main = pick(layer, ids[s])
+                objective = main + objectives.l1(o.l1) + objectives.l2(o.l2) + objectives.total_variation(o.tv)
+                img, hist = visualize(model, objective, batch=len(ids[s]), generators=gens[s], device=device,
+                                      size=o.size, steps=o.steps, lr=o.lr, param=o.param,
+                                      decorrelate=o.decorrelate, init_sd=o.init_sd, transform=transform, preprocess=preprocess,
+                                      upscalings=o.upscalings, upscale_factor=o.upscale_factor,
+                                      blur=o.blur, track=main)
+                images.append(img)
+                history.append(hist)
+            out[layer, "images"] = torch.cat(images)  # [M, 3, S, S] uint8
+            out[layer, "index"] = ids  # [M]
+            out[layer, "objective"] = torch.cat(history)  # [M, steps]
+        return out
