@@ -11,12 +11,29 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from pipeline.featvis.optimize import to_uint8
 from pipeline.hooks import capture
 from pipeline.techniques.base import Technique, chunks, register
 
 
+class PixelSpace(Technique):
+    """Base of techniques that optimize an image in pixel space [0, 1] from each input (Deep Dream,
+    inversion): the model's mean/std come from `setup`, and 3D (video) layers are refused."""
+
+    video = False
+
+    def setup(self, model):
+        if self.options.mean is None:
+            self.options.mean, self.options.std = list(model.preprocess.mean), list(model.preprocess.std)
+
+    def check_layers(self, shapes):
+        super().check_layers(shapes)
+        for layer, shape in shapes.items():
+            refuse_video(self.name, layer, shape)
+
+
 @register("deepdream")
-class DeepDream(Technique):
+class DeepDream(PixelSpace):
     """One dream per chosen layer, all inputs of the batch dreamed together (max_batch at a time).
 
     Objective per input: the mean squared activation of the layer (channel null, the classic L2
@@ -30,7 +47,6 @@ class DeepDream(Technique):
     """
 
     outputs = {"dream": "image", "objective": "data"}
-    video = False
 
     @dataclass
     class Options:
@@ -53,14 +69,9 @@ class DeepDream(Technique):
                                  "jitter >= 0, channel null or >= 0")
             check_mean_std("deepdream", self.mean, self.std)
 
-    def setup(self, model):
-        if self.options.mean is None:
-            self.options.mean, self.options.std = list(model.preprocess.mean), list(model.preprocess.std)
-
     def check_layers(self, shapes):
         super().check_layers(shapes)
         for layer, shape in shapes.items():
-            refuse_video(self.name, layer, shape)
             if self.options.channel is not None and (len(shape) < 2 or self.options.channel >= shape[1]):
                 raise ValueError(f"{self.name}: channel={self.options.channel} but layer {layer!r} "
                                  f"outputs shape {list(shape)}")
@@ -158,8 +169,3 @@ def pixel_affine(x: torch.Tensor, mean: Optional[Sequence[float]], std: Optional
         raise ValueError(f"{len(mean)} mean/std values for {x.shape[1]} channels")
     m, s = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) for v in (mean, std))
     return 1 / s, -m / s
-
-
-def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
-    """[..] in [0, 1] -> uint8 [0, 255] (rounded)."""
-    return (pixels.clamp(0, 1) * 255).round().to(torch.uint8)

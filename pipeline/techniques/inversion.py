@@ -7,12 +7,13 @@ from typing import List, Optional
 import torch
 
 from pipeline.hooks import capture
-from pipeline.techniques.base import Technique, chunks, register
-from pipeline.techniques.deepdream import check_mean_std, pixel_affine, refuse_video, require_images, to_uint8
+from pipeline.featvis.optimize import to_uint8
+from pipeline.techniques.base import chunks, register
+from pipeline.techniques.deepdream import PixelSpace, check_mean_std, pixel_affine, require_images
 
 
 @register("inversion")
-class Inversion(Technique):
+class Inversion(PixelSpace):
     """Per input and chosen layer, an image whose representation matches the input's.
 
     Minimizes over pixels p in [0, 1], from uniform noise in [0.4, 0.6] (the Pass's generator):
@@ -26,7 +27,6 @@ class Inversion(Technique):
     """
 
     outputs = {"image": "image", "loss": "data"}
-    video = False
 
     @dataclass
     class Options:
@@ -47,14 +47,6 @@ class Inversion(Technique):
                 raise ValueError("inversion: steps >= 1, lr > 0, tv_weight, alpha_weight >= 0, beta, alpha >= 1")
             check_mean_std("inversion", self.mean, self.std)
 
-    def setup(self, model):
-        if self.options.mean is None:
-            self.options.mean, self.options.std = list(model.preprocess.mean), list(model.preprocess.std)
-
-    def check_layers(self, shapes):
-        super().check_layers(shapes)
-        for layer, shape in shapes.items():
-            refuse_video(self.name, layer, shape)
 
     def _attribute(self, p):
         o, x = self.options, p.x  # x [N, 3, H, W]
