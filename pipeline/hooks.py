@@ -18,9 +18,21 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 
+class StopForward(Exception):
+    """Raised by `capture(..., stop=True)` once every captured layer has run; see `forward`."""
+
+
+def forward(model: nn.Module, x: torch.Tensor):
+    """model(x), or None when a `capture(..., stop=True)` ended the pass early."""
+    try:
+        return model(x)
+    except StopForward:
+        return None
+
+
 @contextmanager
 def capture(
-    model: nn.Module, layers: Sequence[str], *, grad: bool = False
+    model: nn.Module, layers: Sequence[str], *, grad: bool = False, stop: bool = False
 ) -> Iterator[Dict[str, torch.Tensor]]:
     """Record the outputs of `layers` (names from `named_modules()`) during forward passes.
 
@@ -29,10 +41,13 @@ def capture(
     require grad becomes a leaf that does, so a backward pass stops at the shallowest recorded
     layer and never runs below it. Yields {layer: tensor [N, ...]} (the last call's output when
     a module runs more than once).
+    stop=True: the forward pass ends (StopForward) as soon as every layer has run once, so the
+    rest of the network is not computed; call the model through `forward()` to get None then.
     """
     modules = dict(model.named_modules())
     acts: Dict[str, torch.Tensor] = {}
     handles = []
+    seen: set = set()
 
     def make_hook(name: str):
         def hook(module: nn.Module, inputs, output):
@@ -43,11 +58,18 @@ def capture(
                 )
             if not grad:
                 acts[name] = output.detach().clone()
-                return None
-            if not output.requires_grad:
-                output = output.detach().requires_grad_(True)
-            acts[name] = output
-            return output.clone()
+                result = None
+            else:
+                if not output.requires_grad:
+                    output = output.detach().requires_grad_(True)
+                acts[name] = output
+                result = output.clone()
+            if stop:
+                seen.add(name)
+                if len(seen) == len(layers):
+                    seen.clear()
+                    raise StopForward
+            return result
 
         return hook
 

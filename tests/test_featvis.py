@@ -73,9 +73,16 @@ def test_fourier_decorrelation_round_trips_and_rows_use_their_own_generator():
 
 def test_transforms_keep_the_shape_and_follow_the_generator():
     t = T.compose(T.jitter(2), T.random_scale([0.9, 1.1]), T.random_rotate([-10, 10]))
-    x = torch.rand(1, 3, 10, 10)
-    a, b = t(x, torch.Generator().manual_seed(3)), t(x, torch.Generator().manual_seed(3))
+    x = torch.rand(3, 3, 10, 10)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4, 5)]  # noqa: E731
+    a, b = t(x, gens()), t(x, gens())
     assert a.shape == x.shape and torch.equal(a, b)
+    alone = t(x[1:2], [torch.Generator().manual_seed(4)])  # a row's warp depends on its generator only
+    torch.testing.assert_close(alone, a[1:2])
+    shifted = T.jitter(1)(x, [torch.Generator().manual_seed(0) for _ in range(3)])
+    dy, dx = torch.randint(-1, 2, (2,), generator=torch.Generator().manual_seed(0)).tolist()
+    inner = shifted[:, :, 1:-1, 1:-1]  # away from the reflected border, a whole-pixel shift is exact
+    torch.testing.assert_close(inner, x[:, :, 1 - dy:9 - dy, 1 - dx:9 - dx])
 
 
 def test_parse_channels():

@@ -271,3 +271,18 @@ def test_target_by_class_name_and_close_names_on_a_miss():
     assert "'Egyptian cat'" in str(err.value)
     with pytest.raises(ValueError, match="no class names"):
         TargetSpec.parse("cat", None)
+
+
+def test_capture_can_stop_the_forward_after_the_last_layer():
+    from pipeline.hooks import forward
+
+    model = tiny_net()
+    model.boom.armed = True  # after relu2: reached only if the pass is not stopped
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad(), capture(model, ["relu1", "conv2"], stop=True) as acts:
+        assert forward(model, x) is None
+        assert forward(model, x) is None  # and again: the stop resets per pass
+    assert set(acts) == {"relu1", "conv2"} and hook_count(model) == 0
+    model.boom.armed = False
+    with torch.no_grad():
+        torch.testing.assert_close(acts["conv2"], model.conv2(model.relu1(model.bn1(model.conv1(x)))))

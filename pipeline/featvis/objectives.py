@@ -15,23 +15,29 @@ Ids = Union[int, torch.Tensor]  # one id for every row, or [B] ids, one per row
 
 
 class Objective:
-    def __init__(self, fn: Callable[..., torch.Tensor], layers: Tuple[str, ...] = (), name: str = ""):
-        self.fn, self.layers, self.name = fn, tuple(layers), name
+    """`layers`: the activations it reads; `needs_logits`: whether it reads the logits (if not, the
+    optimize loop stops each forward pass after the last layer it needs)."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], layers: Tuple[str, ...] = (), name: str = "",
+                 needs_logits: bool = False):
+        self.fn, self.layers, self.name, self.needs_logits = fn, tuple(layers), name, needs_logits
 
     def __call__(self, acts: Dict[str, torch.Tensor], logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         return self.fn(acts, logits, image)
 
     def __add__(self, other: "Objective") -> "Objective":
         if isinstance(other, (int, float)):
-            return Objective(lambda a, l, i: self(a, l, i) + other, self.layers, f"{self.name} + {other}")
+            return Objective(lambda a, l, i: self(a, l, i) + other, self.layers, f"{self.name} + {other}",
+                             self.needs_logits)
         return Objective(lambda a, l, i: self(a, l, i) + other(a, l, i),
-                         tuple(dict.fromkeys(self.layers + other.layers)), f"{self.name} + {other.name}")
+                         tuple(dict.fromkeys(self.layers + other.layers)), f"{self.name} + {other.name}",
+                         self.needs_logits or other.needs_logits)
 
     def __radd__(self, other):  # sum([...]) starts from 0
         return self if isinstance(other, (int, float)) and other == 0 else self + other
 
     def __mul__(self, k: float) -> "Objective":
-        return Objective(lambda a, l, i: k * self(a, l, i), self.layers, f"{k} * {self.name}")
+        return Objective(lambda a, l, i: k * self(a, l, i), self.layers, f"{k} * {self.name}", self.needs_logits)
 
     __rmul__ = __mul__
 
@@ -72,7 +78,7 @@ def class_logit(c: Ids) -> Objective:
     """Pre-softmax logit of class c (or c[b]) -> [B]."""
     def fn(acts, logits, image):
         return logits.gather(1, _per_row(c, logits.shape[0], logits.device)[:, None])[:, 0]
-    return Objective(fn, (), f"class_logit({c})")
+    return Objective(fn, (), f"class_logit({c})", needs_logits=True)
 
 
 def l1(coeff: float = 1.0, centre: float = 0.5) -> Objective:

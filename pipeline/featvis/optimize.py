@@ -14,7 +14,7 @@ from torch import nn
 from pipeline.featvis import params as P
 from pipeline.featvis.objectives import Objective
 from pipeline.featvis.transforms import Transform
-from pipeline.hooks import capture
+from pipeline.hooks import capture, forward
 
 # Named recipes: option overrides. resnet34: the multi-scale recipe (start 56 px, 20 Adam steps at
 # lr 0.1, then 12 times: upscale x1.2 and box-blur 5 px, 20 more steps) -> about 500 px images.
@@ -56,14 +56,15 @@ def optimize(model: nn.Module, objective: Objective, param: P.Param, *, steps: i
     opt = torch.optim.Adam(tensors, lr=lr)
     track = track or objective
     layers = list(dict.fromkeys(objective.layers + track.layers))
+    stop = bool(layers) and not (objective.needs_logits or track.needs_logits)  # skip the layers after
     history = []
-    with torch.enable_grad(), capture(model, layers, grad=True) as acts:
+    with torch.enable_grad(), capture(model, layers, grad=True, stop=stop) as acts:
         for _ in range(steps):
             image = image_fn()  # [B, 3, H, W]
             seen = image
             if transform is not None:
-                seen = torch.cat([transform(image[b:b + 1], g) for b, g in enumerate(generators)])
-            logits = model(normalize(seen, preprocess))
+                seen = transform(image, generators)  # row b draws from generators[b]; one batched warp
+            logits = forward(model, normalize(seen, preprocess))  # None when stopped after the layers
             value = objective(acts, logits, image)  # [B]
             history.append((value if track is objective else track(acts, logits, image)).detach())
             grads = torch.autograd.grad(-value.sum(), tensors)
