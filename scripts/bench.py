@@ -8,6 +8,9 @@ and preprocessed. Each end-to-end run is `pipeline.runner.run` (DataLoader decod
 HDF5 + PNG, PNGs for the first 8 inputs) and counts from the first batch to the writer's close.
 Each figure is the best of --repeat runs (this machine is shared; timings are noisy).
 
+Section "featvis" (issue 4): filter_vis for all channels of blocks.4, batched against one channel
+at a time.
+
 Section "techniques" (issue 3; `--only comparisons` skips its table): every registered technique end to end on --n-small inputs (one
 layer, bn2; the costly ones with the settings named in the table); Integrated Gradients with 32
 steps against 32 x saliency on one batch; Score-CAM with its masks batched (max_batch=64) against
@@ -144,6 +147,24 @@ def comparisons(common, tmp: Path, args) -> None:
           f"{t1 / t4:.2f}x the time of one Grad-CAM run; target <= 1.3")
 
 
+def featvis_section(base, device: torch.device, layer: str = "blocks.4") -> None:
+    """filter_vis for every channel of one layer: batched (max_batch rows) vs one channel at a time."""
+    from pipeline.techniques import get_technique
+
+    loaded = build_model(base.model, device)
+    technique = get_technique("filter_vis")(channels="all", size=64, steps=16)
+    times = {}
+    for max_batch in (base.max_batch, 1):
+        start = time.perf_counter()
+        out = technique.generate(loaded.module, [layer], device=device, generator=torch.Generator().manual_seed(0),
+                                 max_batch=max_batch, preprocess=loaded.preprocess)
+        times[max_batch] = time.perf_counter() - start
+    n = out[layer, "images"].shape[0]
+    print(f"\nfilter_vis, all {n} channels of {layer} (64 px, 16 steps): batched (max_batch={base.max_batch}) "
+          f"{times[base.max_batch]:.1f} s, one channel at a time {times[1]:.1f} s -> "
+          f"{times[1] / times[base.max_batch]:.1f}x faster batched; target >= 5")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=64, help="number of input images")
@@ -152,7 +173,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--n-small", type=int, default=16, help="inputs per technique in the techniques table")
-    parser.add_argument("--only", choices=["foundation", "techniques", "comparisons"], default=None)
+    parser.add_argument("--only", choices=["foundation", "techniques", "comparisons", "featvis"], default=None)
     args = parser.parse_args(argv)
 
     register_configs()
@@ -171,6 +192,9 @@ def main(argv=None) -> None:
             print(f"{'case':<46} {'images/s':>9} {'x forward':>10}")
             print(f"{'bare no-grad forward (model only)':<46} {forward:>9.1f} {1.0:>10.2f}")
             results = {}
+            if args.only == "featvis":
+                featvis_section(base, device)
+                return
             if args.only in ("techniques", "comparisons"):
                 techniques_section(common, forward, tmp, args)
                 return
@@ -187,6 +211,7 @@ def main(argv=None) -> None:
                   f"{three / forward:.2f}x the bare forward pass")
             if args.only is None:
                 techniques_section(common, forward, tmp, args)
+                featvis_section(base, device)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
