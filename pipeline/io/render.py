@@ -110,6 +110,7 @@ def technique_rows(
     gradient [K, C, H, W]  -> per target: input | signed colour image | grey max-abs image
     channels [C, h, w]     -> the `channels` most activated channels, each in `colormap`
     image    [3, H, W]     -> input | the image made from it (uint8), e.g. a dream or an inversion
+    tiles    [n, 3, S, S]  -> input | n images about it, titled with the layer's "channels" output
     A clip (image [T, S, S, 3]) is drawn by `clip_rows` instead.
     """
     if targets:
@@ -136,6 +137,13 @@ def technique_rows(
                 text = f"{technique} {layer} | {cls} {score:.2f}" if layer != "input" else f"{technique} | {cls} {score:.2f}"
                 rows.append([first, label(colour, text, size),
                              label(grey(normalize(np.abs(g).max(2), 99.0)), f"{technique} grey", size)])
+        elif kind == "tiles" and m.ndim == 4:  # [n, 3, S, S] uint8 images about this input's channels
+            ids, means = maps.get((layer, "channels")), maps.get((layer, "mean"))
+            rows.append([first] + [
+                label(np.ascontiguousarray(m[j].transpose(1, 2, 0)),
+                      f"{layer} ch{int(ids[j])}" + (f" {float(means[j]):.2f}" if means is not None else "")
+                      if ids is not None else f"{layer} {j}", size)
+                for j in range(m.shape[0])])
         elif kind == "image" and m.ndim == 3:  # [3, H, W] uint8 made from this input
             rows.append([first, label(np.ascontiguousarray(m.transpose(1, 2, 0)), f"{technique} {layer}", size)])
         elif kind == "channels" and m.ndim == 3:

@@ -15,6 +15,7 @@ Each technique declares its `outputs`: output name -> how it is drawn
   "channels" [N, C, h, w]                        feature maps, the top channels drawn as a grid
   "data"     any shape                           stored, not drawn
   "image"    [N, 3, H, W] uint8                  an image made from each input (dream, inversion)
+  "tiles"    [N, n, 3, S, S] uint8               n images about each input (top_activated)
   "gallery"  [M, 3, H, W] uint8                  synthesized images (data-free techniques), drawn as
                                                  a grid titled with the layer, the "index" output
                                                  (channel or class) and the last "objective" value

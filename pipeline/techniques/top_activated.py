@@ -1,0 +1,85 @@
+"""The most activated channels of each input, beside their filter_vis images (cached on disk)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from pipeline.techniques.base import ACTS, Technique, register
+from pipeline.techniques.filter_vis import FilterVis
+
+
+@register("top_activated")
+class TopActivated(Technique):
+    """Per input and chosen layer: the `top` channels by mean activation, channels [N, top] and mean
+    [N, top], and their filter_vis images [N, top, 3, S, S] uint8.
+
+    Filter images live in `cache_dir/<key>/<channel>.png`, the key a hash of the model's weights,
+    the layer and the filter_vis settings, so a second input or a second run reuses them; the
+    channels missing from the cache are optimized together, max_batch rows at a time. A cached
+    image is the one made when the channel was first needed (its random start comes from that
+    batch's generator).
+    """
+
+    outputs = {"channels": "data", "mean": "data", "images": "tiles"}
+    needs = frozenset({ACTS})
+    video = False
+
+    @dataclass
+    class Options:
+        top: int = 4
+        cache_dir: str = "~/.cache/pipeline/filter_vis"
+        size: int = 64  # filter_vis settings of the cached images
+        steps: int = 64
+        lr: float = 0.05
+        param: str = "fourier"
+
+        def __post_init__(self):
+            if self.top < 1 or self.size < 8 or self.steps < 1:
+                raise ValueError("top_activated: top >= 1, size >= 8 and steps >= 1")
+
+    def setup(self, model):
+        self.preprocess = model.preprocess
+
+    def check_layers(self, shapes):
+        super().check_layers(shapes)
+        for layer, shape in shapes.items():
+            if len(shape) != 4:
+                raise ValueError(f"top_activated: layer {layer!r} outputs {list(shape)}; it needs an image "
+                                 "feature map [N, C, h, w] (no vectors, no 3D video layers)")
+
+    def _cache(self, model: torch.nn.Module, layer: str) -> Path:
+        weights = hashlib.sha1()
+        for name, tensor in model.state_dict().items():
+            weights.update(name.encode())
+            weights.update(tensor.detach().cpu().numpy().tobytes())
+        settings = {k: v for k, v in asdict(self.options).items() if k not in ("top", "cache_dir")}
+        key = hashlib.sha1(json.dumps([weights.hexdigest(), layer, settings], sort_keys=True).encode()).hexdigest()
+        return Path(self.options.cache_dir).expanduser() / key[:20] / layer
+
+    def _attribute(self, p):
+        o = self.options
+        settings = dict(size=o.size, steps=o.steps, lr=o.lr, param=o.param)
+        maps = {}
+        for layer, a in p.activations().items():
+            mean = a.float().flatten(2).mean(2)  # [N, C]
+            values, ids = mean.topk(min(o.top, mean.shape[1]), dim=1)  # [N, top]
+            cache = self._cache(p.model, layer)
+            missing = sorted({c for c in ids.flatten().tolist() if not (cache / f"{c}.png").exists()})
+            if missing:
+                made = FilterVis(channels=",".join(map(str, missing)), **settings).generate(
+                    p.model, [layer], device=p.x.device, generator=p.generator, max_batch=p.max_batch,
+                    preprocess=getattr(self, "preprocess", None))
+                cache.mkdir(parents=True, exist_ok=True)
+                for c, image in zip(made[layer, "index"].tolist(), made[layer, "images"].cpu().numpy()):
+                    cv2.imwrite(str(cache / f"{c}.png"), cv2.cvtColor(image.transpose(1, 2, 0), cv2.COLOR_RGB2BGR))
+            images = np.stack([[cv2.cvtColor(cv2.imread(str(cache / f"{c}.png")), cv2.COLOR_BGR2RGB).transpose(2, 0, 1)
+                                for c in row] for row in ids.tolist()])  # [N, top, 3, S, S]
+            maps[layer, "channels"], maps[layer, "mean"] = ids, values
+            maps[layer, "images"] = torch.from_numpy(images)
+        return maps
