@@ -147,22 +147,56 @@ def comparisons(common, tmp: Path, args) -> None:
           f"{t1 / t4:.2f}x the time of one Grad-CAM run; target <= 1.3")
 
 
-def featvis_section(base, device: torch.device, layer: str = "blocks.4") -> None:
-    """filter_vis for every channel of one layer: batched (max_batch rows) vs one channel at a time."""
+def _filter_vis_child(conn, model_cfg, layer, channels, max_batch, device) -> None:
+    """Runs in its own (spawned) process: time and peak resident memory of one filter_vis generate()."""
+    import resource
+
+    from omegaconf import OmegaConf
+
     from pipeline.techniques import get_technique
 
-    loaded = build_model(base.model, device)
-    technique = get_technique("filter_vis")(channels="all", size=64, steps=16)
-    times = {}
-    for max_batch in (base.max_batch, 1):
-        start = time.perf_counter()
-        out = technique.generate(loaded.module, [layer], device=device, generator=torch.Generator().manual_seed(0),
-                                 max_batch=max_batch, preprocess=loaded.preprocess)
-        times[max_batch] = time.perf_counter() - start
-    n = out[layer, "images"].shape[0]
-    print(f"\nfilter_vis, all {n} channels of {layer} (64 px, 16 steps): batched (max_batch={base.max_batch}) "
-          f"{times[base.max_batch]:.1f} s, one channel at a time {times[1]:.1f} s -> "
-          f"{times[1] / times[base.max_batch]:.1f}x faster batched; target >= 5")
+    torch.set_num_threads(2)
+    loaded = build_model(OmegaConf.create(model_cfg), device)
+
+    technique = get_technique("filter_vis")(channels=channels, size=64, steps=16)
+    start = time.perf_counter()
+    out = technique.generate(loaded.module, [layer], device=device, generator=torch.Generator().manual_seed(0),
+                             max_batch=max_batch, preprocess=loaded.preprocess)
+    conn.send((time.perf_counter() - start, out[layer, "images"].shape[0],
+               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    conn.close()
+
+
+def featvis_section(base, device: torch.device, layer: str = "blocks.4") -> None:
+    """filter_vis on one layer: all channels batched vs one channel at a time, and peak memory
+    (each case in a fresh spawned process: its peak RSS, the loaded model included) for channel
+    counts at a fixed max_batch and for max_batch values at a fixed channel count."""
+    import multiprocessing as mp
+
+    from omegaconf import OmegaConf
+
+    model_cfg = OmegaConf.to_container(base.model, resolve=True)
+    ctx = mp.get_context("spawn")
+
+    def case(channels, max_batch):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_filter_vis_child, args=(child, model_cfg, layer, channels, max_batch, device))
+        proc.start()
+        result = parent.recv()
+        proc.join()
+        return result
+
+    print(f"\n# filter_vis on {layer} (64 px, 16 steps); each case in its own process")
+    print(f"{'channels':>9} {'max_batch':>10} {'seconds':>9} {'peak RSS MiB':>13}")
+    results = {}
+    for channels, max_batch in (("all", base.max_batch), ("all", 1), ("0-31", base.max_batch),
+                                ("all", 4 * base.max_batch)):
+        seconds, n, rss = case(channels, max_batch)
+        results[channels, max_batch] = seconds
+        print(f"{n:>9} {max_batch:>10} {seconds:>9.1f} {rss:>13.0f}", flush=True)
+    for max_batch in (base.max_batch, 4 * base.max_batch):
+        print(f"all channels batched (max_batch={max_batch}) vs one at a time: "
+              f"{results['all', 1] / results['all', max_batch]:.1f}x faster; target >= 5")
 
 
 def main(argv=None) -> None:
