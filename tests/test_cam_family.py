@@ -208,7 +208,7 @@ def test_masked_forwards_are_batched_up_to_max_batch_with_the_same_maps(name):
     for max_batch, top in [(1, None), (5, None), (64, None), (5, 3)]:
         model = Counting(tiny_net()).eval()
         result = make(name, top_channels=top).attribute(model, x, ["net.relu1"], target, max_batch=max_batch)
-        rows = 2 * 2 * (top or 8)  # N * K * channels
+        rows = 2 * (top or 8)  # N * channels: both targets read off each row's logits
         assert len(model.sizes) == 1 + math.ceil(rows / max_batch)  # the activations' forward, then rows
         assert sum(model.sizes[1:]) == rows and max(model.sizes[1:]) <= max_batch
         assert hook_count(model) == 0
@@ -243,8 +243,8 @@ def test_gradient_cams_share_one_forward_and_gradient_free_ones_add_only_their_r
         shared[name] = techniques[name].attribute(model, x, layers, target, shared=p).maps
     assert len(model.sizes) == 1  # one forward for every gradient-based CAM (and Eigen-CAM)
     shared["scorecam"] = techniques["scorecam"].attribute(model, x, layers, target, shared=p).maps
-    rows = 2 * 2 * (8 + 16)  # N * K * (channels of relu1 + conv2)
-    assert len(model.sizes) == 1 + math.ceil(2 * 2 * 8 / 16) + math.ceil(2 * 2 * 16 / 16)
+    rows = 2 * (8 + 16)  # N * (channels of relu1 + conv2); the K targets share each row
+    assert len(model.sizes) == 1 + math.ceil(2 * 8 / 16) + math.ceil(2 * 16 / 16)
     assert sum(model.sizes[1:]) == rows
     for name in names:  # sharing changes nothing
         alone = make(name).attribute(model, x, layers, target).maps

@@ -8,7 +8,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from pipeline.maps import resize_maps
-from pipeline.techniques.base import ACTS, Pass, chunks, register
+from pipeline.techniques.base import ACTS, Pass, register
 from pipeline.techniques.gradcam import CAM
 
 
@@ -24,23 +24,21 @@ class ForwardCAM(CAM):
 
 def channel_scores(p: Pass, acts: torch.Tensor, top: Optional[int],
                    inputs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Target logit of one model input per (input n, target k, kept channel c).
+    """Target logits of one model input per (input n, kept channel c), all K targets read off the
+    same row's logits.
 
     The kept channels are the `top` of highest mean activation per input (all when None).
-    `inputs(n, c)` builds the rows [m, ...] for index tensors n, c [m]; rows are built and scored
-    max_batch at a time, so M = N*K*C' rows cost ceil(M / max_batch) forwards.
-    Returns scores [N, K, C'] and kept channel ids [N, C'].
+    `inputs(n, c)` builds the rows [m, ...] for index tensors n, c [m]; rows are built and run
+    max_batch at a time (bounded memory), so M = N*C' rows cost ceil(M / max_batch) forwards,
+    whatever the number of targets. Returns scores [N, K, C'] and kept channel ids [N, C'].
     """
-    (N, C), K = acts.shape[:2], p.targets.shape[1]
+    N, C = acts.shape[:2]
     kept = acts.flatten(2).mean(2).topk(min(top or C, C), dim=1).indices  # [N, C']
     Ck = kept.shape[1]
-    rows = torch.arange(N * K * Ck, device=acts.device)  # row (n, k, j) -> channel kept[n, j]
-    n, k, j = rows // (K * Ck), rows // Ck % K, rows % Ck
-    c, classes = kept[n, j], p.targets[n, k]
-    scores = torch.empty(len(rows), device=acts.device)
-    for s in chunks(len(rows), p.max_batch):  # built here max_batch rows at a time: bounded memory
-        scores[s] = p.batched_scores(inputs(n[s], c[s]), classes[s])
-    return scores.view(N, K, Ck), kept
+    scores = torch.empty(N * Ck, p.targets.shape[1], device=acts.device)  # row r = n * C' + j
+    for r, logits in p.rows_logits(N * Ck, lambda r: inputs(r // Ck, kept[r // Ck, r % Ck])):
+        scores[r] = logits.gather(1, p.targets[r // Ck]).to(scores.dtype)
+    return scores.view(N, Ck, -1).transpose(1, 2), kept
 
 
 def weighted_sum(acts: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
