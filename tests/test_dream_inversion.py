@@ -115,3 +115,15 @@ def test_run_writes_dreams_inversions_and_kernels(make_cfg, image_folder, tiny_c
         assert f["kernels/conv1/images"].shape == (8, 3, 48, 48)
         assert f["kernels/conv2/images"].shape == (16, 3, 48, 48)
     assert (tmp_path / "b" / "png" / "kernels.png").is_file()
+
+
+def test_deepdream_does_not_depend_on_how_the_batch_is_chunked():
+    from pipeline.targets import TargetSpec
+    from pipeline.techniques import get_technique
+    from tests.tinymodels import tiny_net
+
+    model, x = tiny_net(), torch.rand(3, 3, 20, 24)
+    dream = get_technique("deepdream")(octaves=2, steps=3, jitter=2, mean=[0.5] * 3, std=[0.5] * 3)
+    runs = [dream.attribute(model, x, ["relu2"], TargetSpec.parse("pred"), max_batch=mb).maps["relu2", "dream"]
+            for mb in (1, 2, 3)]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])

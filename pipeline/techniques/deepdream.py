@@ -11,8 +11,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from pipeline.featvis.optimize import to_uint8
-from pipeline.hooks import capture
+from pipeline.featvis.optimize import row_generators, to_uint8
+from pipeline.hooks import capture, forward
 from pipeline.techniques.base import Technique, chunks, register
 
 
@@ -84,9 +84,10 @@ class DeepDream(PixelSpace):
         maps = {}
         for layer in p.layers:
             dreams, objectives = [], []
+            rows = row_generators(p.generator, x.shape[0])  # each input's jitter from its own generator
             for s in chunks(x.shape[0], p.max_batch):
                 ab = (a if a.shape[0] == 1 else a[s], b if b.shape[0] == 1 else b[s])
-                dream, objective = self.dream(p.model, layer, pixels[s], ab, p.generator)
+                dream, objective = self.dream(p.model, layer, pixels[s], ab, rows[s])
                 dreams.append(dream)
                 objectives.append(objective)
             maps[layer, "dream"] = to_uint8(torch.cat(dreams))
@@ -100,7 +101,7 @@ class DeepDream(PixelSpace):
         return act[:, self.options.channel].reshape(act.shape[0], -1).mean(1)
 
     def dream(self, model, layer: str, pixels: torch.Tensor, ab: Tuple[torch.Tensor, torch.Tensor],
-              generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+              generators: Sequence[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
         """pixels [n, 3, H, W] in [0, 1] -> dreamed pixels [n, 3, H, W], objective [n, octaves * steps]."""
         o = self.options
         bases = [pixels]  # finest first
@@ -116,7 +117,7 @@ class DeepDream(PixelSpace):
                 detail = F.interpolate(detail, size=base.shape[2:], mode="bilinear", align_corners=False)
             image = (base + detail).clamp(0, 1)
             for _ in range(o.steps):
-                image, value = self.ascent_step(model, layer, image, ab, generator)
+                image, value = self.ascent_step(model, layer, image, ab, generators)
                 values.append(value)
             detail = image - base
         objective = torch.stack(values, 1)  # [n, steps done]
@@ -125,17 +126,20 @@ class DeepDream(PixelSpace):
             objective = torch.cat([pad, objective], 1)
         return image, objective
 
-    def ascent_step(self, model, layer, image, ab, generator):
-        """One jittered, normalized gradient-ascent step: -> (image, objective before the step [n])."""
+    def ascent_step(self, model, layer, image, ab, generators):
+        """One jittered, normalized gradient-ascent step: -> (image, objective before the step [n]).
+
+        Row b is rolled by a shift drawn from generators[b], so a dream does not depend on the
+        inputs it is batched with; the forward pass stops after `layer`."""
         o, (a, b) = self.options, ab
-        dy, dx = (torch.randint(-o.jitter, o.jitter + 1, (2,), generator=generator, device=generator.device)
-                  .tolist() if o.jitter else (0, 0))
-        rolled = image.roll((dy, dx), (2, 3)).detach().requires_grad_(True)
-        with torch.enable_grad(), capture(model, [layer], grad=True) as acts:
-            model(a * rolled + b)
+        shifts = [torch.randint(-o.jitter, o.jitter + 1, (2,), generator=g, device=g.device).tolist()
+                  if o.jitter else [0, 0] for g in generators]
+        rolled = torch.stack([im.roll(tuple(d), (1, 2)) for im, d in zip(image, shifts)]).detach().requires_grad_(True)
+        with torch.enable_grad(), capture(model, [layer], grad=True, stop=True) as acts:
+            forward(model, a * rolled + b)
             value = self.objective(acts[layer])  # [n]
             (grad,) = torch.autograd.grad(value.sum(), rolled)
-        grad = grad.roll((-dy, -dx), (2, 3))
+        grad = torch.stack([g.roll((-d[0], -d[1]), (1, 2)) for g, d in zip(grad, shifts)])
         grad = grad / grad.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, 1, 1, 1)
         return (image + o.lr * grad).clamp(0, 1).detach(), value.detach()
 

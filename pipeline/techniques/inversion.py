@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import torch
 
-from pipeline.hooks import capture
+from pipeline.hooks import capture, forward
 from pipeline.featvis.optimize import to_uint8
 from pipeline.techniques.base import chunks, register
 from pipeline.techniques.deepdream import PixelSpace, check_mean_std, pixel_affine, require_images
@@ -75,8 +75,8 @@ class Inversion(PixelSpace):
         losses = []
         for t in range(1, o.steps + 1):
             pixels.requires_grad_(True)
-            with torch.enable_grad(), capture(model, [layer], grad=True) as acts:
-                model(a * pixels + b)
+            with torch.enable_grad(), capture(model, [layer], grad=True, stop=True) as acts:
+                forward(model, a * pixels + b)  # stops after the layer: the rest is not needed
                 rep = (acts[layer] - target).pow(2).flatten(1).sum(1) / norm  # [n]
                 u = 2 * pixels - 1
                 total = rep + o.tv_weight * tv(u, o.beta) + o.alpha_weight * u.abs().pow(o.alpha).flatten(1).mean(1)
