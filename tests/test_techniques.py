@@ -155,16 +155,24 @@ def test_saliency_equals_hand_computed_gradient():
 
 # -- Grad-CAM ---------------------------------------------------------------------------------
 class RegionNet(nn.Module):
-    """Class 0's score depends on the input inside one box only (the rest is masked out)."""
+    """Class 0's score depends on the input inside one box only (the rest is masked out).
 
-    def __init__(self, box=(8, 16, 20, 28)):  # rows 8..15, cols 20..27 of a 32x32 input
+    `mask` [1, 1, H, W] (default: rows 8..15, cols 20..27 of a 32x32 input), or [1, 1, T, H, W]
+    for a video CNN whose convs do not mix frames."""
+
+    def __init__(self, mask=None):
         super().__init__()
-        mask = torch.zeros(1, 1, 32, 32)
-        mask[..., box[0]:box[1], box[2]:box[3]] = 1
+        if mask is None:
+            mask = torch.zeros(1, 1, 32, 32)
+            mask[..., 8:16, 20:28] = 1
         self.register_buffer("mask", mask)
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        if mask.dim() == 4:
+            conv = lambda i, o: nn.Conv2d(i, o, 3, padding=1, bias=False)  # noqa: E731
+        else:
+            conv = lambda i, o: nn.Conv3d(i, o, (1, 3, 3), padding=(0, 1, 1), bias=False)  # noqa: E731
+        self.conv1 = conv(3, 6)
         self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(6, 8, 3, padding=1, bias=False)
+        self.conv2 = conv(6, 8)
         self.relu2 = nn.ReLU()
         self.fc = nn.Linear(8, 2)
         torch.manual_seed(0)
@@ -175,7 +183,7 @@ class RegionNet(nn.Module):
 
     def forward(self, x):
         x = self.relu2(self.conv2(self.relu1(self.conv1(x * self.mask))))
-        return self.fc(x.mean((2, 3)))
+        return self.fc(x.flatten(2).mean(2))
 
 
 def test_gradcam_puts_its_mass_in_the_region_that_drives_the_class():
