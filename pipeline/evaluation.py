@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.maps import gaussian_blur, resize_maps
-from pipeline.techniques.base import Pass, Technique, chunks
+from pipeline.techniques.base import Pass, Technique, rows_logits
 
 Key = Tuple[str, str, str]  # (technique, layer, output)
 
@@ -56,13 +56,13 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, ta
     s_of = torch.arange(steps + 1, device=x.device).repeat(N * K)
     out = {}
     for name, start, end in (("deletion", x, torch.zeros_like(x)), ("insertion", gaussian_blur(x, 5.0), x)):
+        def mixed(r, start=start, end=end):  # rows r -> [m, C, *S]
+            changed = (rank[n_of[r], k_of[r]] < counts[s_of[r], None]).reshape(-1, 1, *spatial).to(x.dtype)
+            return start[n_of[r]] * (1 - changed) + end[n_of[r]] * changed
+
         curve = torch.empty(rows, device=x.device)
-        with torch.no_grad():
-            for sl in chunks(rows, max_batch):
-                n, k, s = n_of[sl], k_of[sl], s_of[sl]
-                changed = (rank[n, k] < counts[s, None]).reshape(-1, 1, *spatial).to(x.dtype)  # [m, 1, *S]
-                mixed = start[n] * (1 - changed) + end[n] * changed  # [m, C, *S]
-                curve[sl] = model(mixed).softmax(1).gather(1, targets[n, k][:, None])[:, 0]
+        for r, logits in rows_logits(model, rows, mixed, max_batch, x.device):
+            curve[r] = logits.softmax(1).gather(1, targets[n_of[r], k_of[r]][:, None])[:, 0]
         curve = curve.reshape(N, K, steps + 1)
         out[name] = curve
         out[f"{name}_auc"] = torch.trapezoid(curve, dx=1.0 / steps, dim=-1)

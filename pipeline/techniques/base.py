@@ -72,6 +72,16 @@ def chunks(total: int, size: int) -> Iterator[slice]:
         yield slice(start, min(total, start + size))
 
 
+def rows_logits(model: nn.Module, total: int, build: Callable[[torch.Tensor], torch.Tensor], max_batch: int,
+                device: torch.device) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Rows 0..total-1 built on demand, max_batch at a time (memory bounded by max_batch):
+    yields (idx [m], model(build(idx)) [m, classes]), without grad."""
+    with torch.no_grad():
+        for s in chunks(total, max_batch):
+            idx = torch.arange(s.start, s.stop, device=device)
+            yield idx, model(build(idx))
+
+
 class Pass:
     """Computations on one batch x [N, C, (T,) H, W], each run at most once and shared.
 
@@ -183,10 +193,7 @@ class Pass:
     def rows_logits(self, total: int, build: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """For rows 0..total-1, max_batch at a time: yields (idx [m], logits [m, classes]) of
         build(idx) -> inputs [m, C, ...], without grad."""
-        with torch.no_grad():
-            for s in chunks(total, self.max_batch):
-                idx = torch.arange(s.start, s.stop, device=self.x.device)
-                yield idx, self.model(build(idx))
+        return rows_logits(self.model, total, build, self.max_batch, self.x.device)
 
     def rows_input_grads(self, total: int, build: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
                          ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -199,16 +206,6 @@ class Pass:
             with torch.enable_grad():
                 score = self.model(x).gather(1, classes[:, None]).sum()
                 yield idx, torch.autograd.grad(score, x)[0]
-
-    def batched_scores(self, inputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """Target logits of many inputs, no grad, at most max_batch per forward.
-
-        inputs [M, C, ...], classes [M] -> [M]."""
-        out = torch.empty(inputs.shape[0], device=inputs.device)
-        with torch.no_grad():
-            for s in chunks(inputs.shape[0], self.max_batch):
-                out[s] = self.model(inputs[s]).gather(1, classes[s, None])[:, 0]
-        return out
 
 
 class Technique:
