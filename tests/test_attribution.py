@@ -8,7 +8,7 @@ from pipeline.targets import TargetSpec
 from pipeline.techniques import Pass, get_technique
 from pipeline.maps import gaussian_blur
 from pipeline.techniques.integrated_gradients import baseline
-from tests.tinymodels import tiny_net
+from tests.tinymodels import CountForwards, tiny_net
 
 TOP2 = TargetSpec.parse("topk:2")
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -33,18 +33,6 @@ class SmoothNet(nn.Module):
     def forward(self, x):
         x = self.act2(self.conv2(self.act1(self.conv1(x))))
         return self.fc(x.flatten(2).mean(2))
-
-
-class Rows(nn.Module):
-    """Wraps a model and records the batch size of every forward."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.sizes = model, []
-
-    def forward(self, x):
-        self.sizes.append(x.shape[0])
-        return self.model(x)
 
 
 def normalised(*shape, seed=1):
@@ -149,7 +137,7 @@ def test_small_max_batch_gives_the_same_maps(name, options):
     x = torch.rand(2, 3, 16, 16)
     results = {}
     for max_batch in (1, 5, 64):
-        model = Rows(tiny_net()).eval()
+        model = CountForwards(tiny_net()).eval()
         results[max_batch] = make(name, **options).attribute(model, x, [], TOP2, max_batch=max_batch).maps
         rows = model.sizes[1:]  # after the Pass's own forward of the batch
         assert max(rows) <= max_batch and (max_batch == 1 or len(rows) < sum(rows))

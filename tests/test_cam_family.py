@@ -10,8 +10,8 @@ from torch import nn
 from pipeline.hooks import hook_count
 from pipeline.targets import TargetSpec
 from pipeline.techniques import Pass, get_technique
-from tests.test_techniques import RegionNet
-from tests.tinymodels import tiny_net
+from tests.test_techniques import RegionNet, region_mass
+from tests.tinymodels import CountForwards, tiny_net
 
 FAMILY = ["gradcampp", "xgradcam", "layercam", "scorecam", "ablationcam", "eigencam"]
 GRADIENT_BASED = ["gradcam", "gradcampp", "xgradcam", "layercam"]
@@ -24,16 +24,8 @@ def make(name, **options):
 # -- localization -------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", FAMILY)
 def test_mass_lies_in_the_region_that_drives_the_class(name):
-    model = RegionNet().eval()
-    x = torch.rand(3, 3, 32, 32)
-    cams = make(name).attribute(model, x, ["relu1", "relu2"], TargetSpec.parse("0")).maps
-    inside = torch.zeros(32, 32, dtype=torch.bool)
-    inside[8 - 2:16 + 2, 20 - 2:28 + 2] = True  # the box, grown by the two 3x3 convs' reach
-    for layer in ("relu1", "relu2"):
-        cam = cams[layer, "cam"][:, 0]  # [N, 32, 32]
-        assert cam.sum() > 0
-        fraction = cam[:, inside].sum() / cam.sum()
-        assert fraction > 0.9, (layer, float(fraction))
+    for layer, fraction in region_mass(make(name)).items():
+        assert fraction > 0.9, (layer, fraction)
 
 
 def RegionNet3D() -> nn.Module:
@@ -171,25 +163,13 @@ def test_eigencam_is_the_first_principal_component_for_every_target(center):
 
 
 # -- Score-CAM batching ---------------------------------------------------------------------------
-class Counting(nn.Module):
-    """Wraps a model and records the batch size of every forward."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.sizes = net, []
-
-    def forward(self, x):
-        self.sizes.append(x.shape[0])
-        return self.net(x)
-
-
 @pytest.mark.parametrize("name", ["scorecam", "ablationcam"])
 def test_masked_forwards_are_batched_up_to_max_batch_with_the_same_maps(name):
     x = torch.rand(2, 3, 16, 16)
     target = TargetSpec.parse("topk:2")
     maps = {}
     for max_batch, top in [(1, None), (5, None), (64, None), (5, 3)]:
-        model = Counting(tiny_net()).eval()
+        model = CountForwards(tiny_net()).eval()
         result = make(name, top_channels=top).attribute(model, x, ["net.relu1"], target, max_batch=max_batch)
         rows = 2 * (top or 8)  # N * channels: both targets read off each row's logits
         assert len(model.sizes) == 1 + math.ceil(rows / max_batch)  # the activations' forward, then rows
@@ -214,7 +194,7 @@ def test_ablation_hook_is_removed_when_the_model_raises_in_a_masked_forward():
 
 # -- one shared Pass ------------------------------------------------------------------------------
 def test_gradient_cams_share_one_forward_and_gradient_free_ones_add_only_their_rows():
-    model = Counting(tiny_net()).eval()
+    model = CountForwards(tiny_net()).eval()
     x = torch.rand(2, 3, 16, 16)
     layers, target = ["net.relu1", "net.conv2"], TargetSpec.parse("topk:2")
     names = GRADIENT_BASED + ["eigencam", "scorecam"]

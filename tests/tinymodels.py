@@ -41,6 +41,18 @@ class Boom(nn.Module):
         return x
 
 
+class CountForwards(nn.Module):
+    """Wraps a model and records the batch size of every forward."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.sizes = net, []
+
+    def forward(self, x):
+        self.sizes.append(x.shape[0])
+        return self.net(x)
+
+
 class SlowNet(TinyNet):
     """TinyNet that sleeps in every forward, so a test can kill a run part-way."""
 
