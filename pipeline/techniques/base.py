@@ -234,6 +234,13 @@ class Technique:
             if shape is None:
                 raise ValueError(f"{self.name}: layer {layer!r} does not output a single tensor")
 
+    def require_image_maps(self, shapes: Dict[str, Optional[Tuple[int, ...]]]) -> None:
+        """For techniques that need 2D image feature maps: refuse vectors and 3D (video) layers."""
+        for layer, shape in shapes.items():
+            if shape is not None and len(shape) != 4:
+                raise ValueError(f"{self.name}: layer {layer!r} outputs {list(shape)}; it needs an image "
+                                 "feature map [N, C, h, w] (no vectors, no 3D video layers)")
+
     def check_model(self, model: nn.Module, layers: Sequence[str]) -> None:
         """Raise ValueError before any work if this model or these layers cannot be used (beyond
         what `check_layers` sees from shapes)."""

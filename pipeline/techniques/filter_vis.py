@@ -93,10 +93,8 @@ class FilterVis(Technique):
 
     def check_layers(self, shapes):
         super().check_layers(shapes)
-        for layer, shape in shapes.items():
-            if len(shape) != 4:
-                raise ValueError(f"{self.name}: layer {layer!r} outputs shape {list(shape)}; "
-                                 "it needs a 2D feature map [N, C, h, w]")
+        self.require_image_maps(shapes)
+        for shape in shapes.values():
             parse_channels(self.options.channels, shape[1])
 
     def generate(self, model, layers, *, device, generator, max_batch, class_names=None, preprocess=None):

@@ -48,10 +48,7 @@ class TopActivated(Technique):
 
     def check_layers(self, shapes):
         super().check_layers(shapes)
-        for layer, shape in shapes.items():
-            if len(shape) != 4:
-                raise ValueError(f"top_activated: layer {layer!r} outputs {list(shape)}; it needs an image "
-                                 "feature map [N, C, h, w] (no vectors, no 3D video layers)")
+        self.require_image_maps(shapes)
 
     def _cache(self, model: torch.nn.Module, layer: str) -> Path:
         weights = hashlib.sha1()
