@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -33,6 +33,17 @@ class LoadedModel:
     description: str
     num_classes: int
     clip_len: Optional[int] = None  # frames per clip for a 3D (video) CNN; None for image models
+    _graph: Optional[object] = field(default=None, repr=False)
+
+    def support_graph(self):
+        """The model traced for receptive fields (pipeline.rf.SupportGraph), built once; raises
+        pipeline.rf.GraphError when it cannot be traced."""
+        if self._graph is None:
+            from pipeline.rf import SupportGraph
+
+            device = next(self.module.parameters()).device
+            self._graph = SupportGraph(self.module, self.example(device))
+        return self._graph
 
     @property
     def is_video(self) -> bool:

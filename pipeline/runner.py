@@ -20,8 +20,9 @@ from pipeline.data import Source, build_source, make_loader
 from pipeline.evaluation import SanityCheck, deletion_insertion, heatmaps
 from pipeline.io.h5 import MapsFile
 from pipeline.io.plots import write_plots
-from pipeline.io.render import render_gallery
+from pipeline.io.render import render_gallery, render_summary
 from pipeline.io.writer import AsyncWriter, BatchRecord
+from pipeline.rf.table import field_table, table_arrays
 from pipeline.models import LoadedModel, build_model, last_conv_block, probe_shapes, resolve_layers
 from pipeline.targets import TargetSpec
 from pipeline.techniques import Pass, Technique, get_technique
@@ -154,6 +155,7 @@ def run(cfg, out_dir: str | Path) -> Summary:
     maps_file = MapsFile(out_dir / "maps.h5", run_key(p), attrs)
     if p.model.class_names:
         maps_file.write_once("classes", np.array(p.model.class_names, dtype=object))
+    _write_field_table(p, maps_file)
     _generate(p, maps_file, out_dir)
     per_input = {name: t for name, t in p.techniques.items() if t.uses_data}
     done_ids = maps_file.done_ids()
@@ -165,7 +167,8 @@ def run(cfg, out_dir: str | Path) -> Summary:
              p.layers, list(p.techniques), len(todo))
 
     kinds = {name: dict(t.outputs) for name, t in per_input.items()}
-    writer = AsyncWriter(maps_file, out_dir, cfg.render, kinds, p.model.class_name)
+    writer = AsyncWriter(maps_file, out_dir, cfg.render, kinds, p.model.class_name,
+                         draw={name: t.draw() for name, t in per_input.items()})
     skipped = len(pre_skipped)
     done = 0
     start = time.perf_counter()
@@ -190,6 +193,7 @@ def run(cfg, out_dir: str | Path) -> Summary:
     finally:
         writer.close()
     seconds = time.perf_counter() - start
+    _summarize(p, out_dir, per_input)
     if cfg.evaluate.deletion or cfg.evaluate.insertion or cfg.evaluate.sanity:
         for path in write_plots(out_dir, out_dir / "maps.h5"):
             log.info("wrote %s", path)
@@ -214,6 +218,39 @@ def _generate(p: Plan, maps_file: MapsFile, out_dir: Path) -> None:
         maps_file.write_group(name, {f"{layer}/{output}": a for (layer, output), a in arrays.items()})
         if p.cfg.render.png and render_gallery(out_dir, name, arrays, p.cfg.render):
             log.info("wrote %s", out_dir / "png" / f"{name}.png")
+
+
+def _write_field_table(p: Plan, maps_file: MapsFile) -> None:
+    """The model's receptive-field table (pipeline.rf) in maps.h5, once; skipped with a log line
+    for a model that cannot be traced."""
+    if maps_file.has("receptive_fields") or isinstance(p.model.module, torch.jit.ScriptModule):
+        return
+    try:
+        rows = field_table(p.model.support_graph())
+    except Exception as err:  # noqa: BLE001 - the table is extra information, never a reason to stop
+        log.info("no receptive-field table: %s", err)
+        return
+    maps_file.write_group("receptive_fields", table_arrays(rows))
+
+
+def _summarize(p: Plan, out_dir: Path, techniques: Dict[str, Technique]) -> None:
+    """Run-level summaries (e.g. the mean effective receptive field) from all rows in maps.h5, so a
+    resumed run summarizes every input once; written under summary/<technique>/ and drawn."""
+    todo = {name: t for name, t in techniques.items() if t.has_summary}
+    if not todo:
+        return
+    maps_file = MapsFile(out_dir / "maps.h5", run_key(p))
+    try:
+        for name, technique in todo.items():
+            rows = maps_file.technique_rows(name)
+            if not rows or maps_file.rows == 0:
+                continue
+            arrays = {key: np.asarray(a) for key, a in technique.summarize(rows).items()}
+            maps_file.write_group(f"summary/{name}", {f"{layer}/{output}": a for (layer, output), a in arrays.items()})
+            if p.cfg.render.png and render_summary(out_dir, name, arrays, technique.draw(), p.cfg.render):
+                log.info("wrote %s", out_dir / "png" / f"{name}.png")
+    finally:
+        maps_file.close()
 
 
 def _evaluate(p: Plan, x, maps, targets, generator) -> dict:

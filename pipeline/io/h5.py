@@ -116,6 +116,18 @@ class MapsFile:
         self.f.attrs["skipped_rows"] = self.skipped_rows
         self.f.flush()
 
+    def technique_rows(self, technique: str) -> Dict[tuple, h5py.Dataset]:
+        """{(layer, output): row dataset [rows, ...]} of one technique."""
+        out: Dict[tuple, h5py.Dataset] = {}
+        group = self.f.get(technique)
+        if isinstance(group, h5py.Group):
+            for layer, sub in group.items():
+                if isinstance(sub, h5py.Group):
+                    for output, ds in sub.items():
+                        if isinstance(ds, h5py.Dataset):
+                            out[layer, output] = ds
+        return out
+
     def has(self, name: str) -> bool:
         return name in self.f
 
@@ -127,7 +139,10 @@ class MapsFile:
                 del self.f[stale]
         g = self.f.create_group(group + ".partial")
         for name, data in arrays.items():
-            g.create_dataset(name, data=data, compression="lzf" if data.size > 1024 else None)
+            if data.dtype.kind in "OUS":
+                g.create_dataset(name, data=data.astype(object), dtype=STR)
+            else:
+                g.create_dataset(name, data=data, compression="lzf" if data.size > 1024 else None)
         self.f.flush()
         self.f.move(group + ".partial", group)
         self.f.flush()

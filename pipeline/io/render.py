@@ -103,6 +103,7 @@ def technique_rows(
     title: str,
     targets: Sequence[Tuple[str, float]],
     cfg,
+    draw: Optional[dict] = None,
 ) -> List[List[Tile]]:
     """Tiles for one input and one technique; `maps` holds this input's arrays (no batch axis).
 
@@ -111,8 +112,12 @@ def technique_rows(
     channels [C, h, w]     -> the `channels` most activated channels, each in `colormap`
     image    [3, H, W]     -> input | the image made from it (uint8), e.g. a dream or an inversion
     tiles    [n, 3, S, S]  -> input | n images about it, titled with the layer's "channels" output
+    rf       [K, h, w]     -> per crop k: input | one tile per layer (`rf_rows`, with `draw`)
     A clip (image [T, S, S, 3]) is drawn by `clip_rows` instead.
     """
+    rf = [(layer, m) for (layer, output), m in maps.items() if kinds.get(output) == "rf"]
+    if rf and image.ndim == 3:
+        return rf_rows(rf, image, title, cfg, draw or {})
     if targets:
         title = f"{title} | {targets[0][0]} {targets[0][1]:.2f}"
     if image.ndim == 4:
@@ -155,6 +160,72 @@ def technique_rows(
                 row.append(label(tile, f"{layer} ch{c} {means[c]:.2f}", size))
             rows.append(row)
     return rows
+
+
+def rectangle(tile: Tile, box: Sequence[float], scale: float, colour=(255, 255, 255)) -> Tile:
+    """Draw box [x, y, w, h] (input pixels) on a tile drawn at `scale` tile pixels per input pixel."""
+    x, y, w, h = (float(v) for v in box)
+    if w <= 0 or h <= 0:
+        return tile
+    p0 = (int(round(x * scale)), int(round(y * scale)))
+    p1 = (int(round((x + w) * scale)) - 1, int(round((y + h) * scale)) - 1)
+    tile = tile.copy()
+    cv2.rectangle(tile, p0, p1, (0, 0, 0), 3)
+    cv2.rectangle(tile, p0, p1, colour, 1)
+    return tile
+
+
+def rf_rows(maps: Sequence[Tuple[str, np.ndarray]], image: Tile, title: str, cfg, draw: dict) -> List[List[Tile]]:
+    """Receptive-field maps [K, h, w] of several layers: per crop k, the input (with box k when
+    draw["boxes"] is a list) then one tile per layer, labelled "<layer> <draw["labels"][layer]>",
+    wrapped every `gallery_columns` tiles. draw["display"]: heatmap (the map over the input) or
+    weighted (the input weighted by the map); draw["scale"]: fraction (fixed [0, 1], so layers
+    compare) or max (each map by its maximum); a dict draw["boxes"] puts each layer's box on its tile."""
+    size = cfg.tile
+    scale = size / image.shape[1]
+    image = fit(image, size)
+    labels, boxes = draw.get("labels", {}), draw.get("boxes")
+    rows: List[List[Tile]] = []
+    for k in range(maps[0][1].shape[0]):
+        first = label(image, title, size)
+        if isinstance(boxes, list) and k < len(boxes):
+            first = rectangle(first, boxes[k], scale)
+        tiles = [first]
+        for layer, m in maps:
+            up = upsample(m[k], size)
+            m01 = np.clip(up, 0, 1) if draw.get("scale") == "fraction" else normalize(up)
+            tile = weight(image, m01) if draw.get("display") == "weighted" else overlay(image, m01, cfg.colormap, cfg.alpha)
+            if isinstance(boxes, dict) and layer in boxes:
+                tile = rectangle(tile, boxes[layer], scale)
+            tiles.append(label(tile, f"{layer} {labels.get(layer, '')}".strip(), size))
+        per_row = max(2, cfg.gallery_columns)
+        rows.extend(tiles[j:j + per_row] for j in range(0, len(tiles), per_row))
+    return rows
+
+
+def render_summary(out_dir, technique: str, arrays: Dict[Tuple[str, str], np.ndarray], draw: dict, cfg) -> Optional[object]:
+    """png/<technique>.png for a run-level summary: per layer its "mean" map [H, W] (scaled by its
+    maximum) with its "rf_box" [x, y, w, h], labelled with draw["labels"] and the "sigma" [x, y]."""
+    size = cfg.tile
+    labels = draw.get("labels", {})
+    tiles = []
+    for layer in dict.fromkeys(layer for layer, _ in arrays):
+        mean = arrays.get((layer, "mean"))
+        if mean is None:
+            continue
+        tile = colorize(normalize(upsample(mean, size)), cfg.colormap)
+        box = arrays.get((layer, "rf_box"))
+        if box is not None:
+            tile = rectangle(tile, box, size / mean.shape[1])
+        sigma = arrays.get((layer, "sigma"))
+        text = f"{layer} {labels.get(layer, '')}" + (f" sd {float(np.mean(sigma)):.1f}px" if sigma is not None else "")
+        tiles.append(label(tile, text, size))
+    if not tiles:
+        return None
+    per_row = max(1, cfg.gallery_columns)
+    path = out_dir / "png" / f"{technique}.png"
+    write_png(path, grid([tiles[j:j + per_row] for j in range(0, len(tiles), per_row)], size))
+    return path
 
 
 def clip_rows(technique, kinds, maps, clip: np.ndarray, title: str, targets, cfg) -> List[List[Tile]]:
@@ -202,10 +273,11 @@ def safe_name(item_id: str) -> str:
 def render_input(
     out_dir, item_id: str, technique: str, kinds: Dict[str, str], maps, image: Tile,
     targets: Sequence[Tuple[str, float]], cfg, label_fn: Optional[Callable[[str], str]] = None,
+    draw: Optional[dict] = None,
 ):
     """Write png/<technique>/<id>.png for one input; returns the path, or None if nothing to draw."""
     rows = technique_rows(technique, kinds, maps, image, label_fn(item_id) if label_fn else item_id,
-                          targets, cfg)
+                          targets, cfg, draw)
     if not rows:
         return None
     path = out_dir / "png" / technique / f"{safe_name(item_id)}.png"

@@ -29,8 +29,9 @@ class AsyncWriter:
     for rows below `render.max_inputs`. An error in the thread is raised by the next put/close."""
 
     def __init__(self, maps_file: MapsFile, out_dir: Path, render_cfg, kinds: Dict[str, Dict[str, str]],
-                 class_name: Callable[[int], str], depth: int = 4):
+                 class_name: Callable[[int], str], depth: int = 4, draw: Optional[Dict[str, dict]] = None):
         self.file, self.out_dir, self.render, self.kinds, self.class_name = maps_file, Path(out_dir), render_cfg, kinds, class_name
+        self.draw = draw or {}  # technique -> Technique.draw(): labels, boxes, display mode
         self.pngs = 0
         self._queue: "queue.Queue[Optional[object]]" = queue.Queue(maxsize=depth)
         self._error: Optional[BaseException] = None
@@ -85,5 +86,6 @@ class AsyncWriter:
             targets = [(self.class_name(int(t)), float(s)) for t, s in zip(r.targets[i], r.scores[i])]
             for technique, kinds in self.kinds.items():
                 maps = {(l, o): d[i] for (t, l, o), d in r.maps.items() if t == technique}
-                if render_input(self.out_dir, item.id, technique, kinds, maps, r.display[i], targets, self.render):
+                if render_input(self.out_dir, item.id, technique, kinds, maps, r.display[i], targets, self.render,
+                                draw=self.draw.get(technique)):
                     self.pngs += 1

@@ -19,6 +19,8 @@ Each technique declares its `outputs`: output name -> how it is drawn
   "gallery"  [M, 3, H, W] uint8                  synthesized images (data-free techniques), drawn as
                                                  a grid titled with the layer, the "index" output
                                                  (channel or class) and the last "objective" value
+  "rf"       [N, K, h, w]                        one map per crop (receptive-field techniques), drawn
+                                                 as one grid across layers per crop, as `draw()` says
 
 Techniques with `uses_data = False` (kernels, filter and class visualization) need no inputs: the
 runner calls their `generate()` once per run and stores its arrays under `<technique>/<layer>/`.
@@ -216,6 +218,7 @@ class Technique:
     torchscript: ClassVar[bool] = True  # False: needs the model's Python modules (refused on TorchScript)
     uses_data: ClassVar[bool] = True  # False: generate() once per run instead of per batch
     video: ClassVar[bool] = True  # False: images only; refused (check_layers) on 3D video models
+    has_summary: ClassVar[bool] = False  # True: the runner calls summarize() at the end of a run
 
     @dataclass
     class Options:
@@ -248,6 +251,15 @@ class Technique:
     def setup(self, model) -> None:
         """Called once by the runner with the LoadedModel before any work (e.g. to read its
         preprocessing); raise ValueError to refuse the model."""
+
+    def draw(self) -> dict:
+        """Extra drawing information for the renderer (e.g. tile labels, boxes, display mode)."""
+        return {}
+
+    def summarize(self, rows: Dict[Tuple[str, str], Any]) -> Dict[Tuple[str, str], Any]:
+        """Run-level arrays from all rows of a run, {(layer, output): array-like [R, ...]} (h5py
+        datasets); written under summary/<technique>/ at the end of each run (see has_summary)."""
+        return {}
 
     def attribute(self, model: nn.Module, x: torch.Tensor, layers: Sequence[str], target: TargetSpec,
                   *, max_batch: int = 64, shared: Optional[Pass] = None) -> Result:

@@ -1,0 +1,140 @@
+"""Effective receptive field (Luo et al. 2016, https://arxiv.org/abs/1701.04128): the input gradient
+of one unit of a layer, averaged over the run's inputs, beside the theoretical receptive field."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from pipeline.hooks import capture, forward
+from pipeline.rf import GraphError, Support, SupportGraph
+from pipeline.techniques.base import Technique, register
+from pipeline.techniques.rf_forward import DISPLAY, field_label
+
+log = logging.getLogger("pipeline")
+
+
+@register("erf")
+class EffectiveReceptiveField(Technique):
+    """Per chosen layer map [N, 1, H, W]: |d u / d x| summed over colour channels, u the unit at
+    `unit` = [x, y] of the layer's map (default: its centre), summed over channels (or one `channel`).
+    One forward pass (stopped after the deepest layer) and one backward per layer for the whole batch.
+    `summarize` averages the rows of a run: per layer mean [H, W], sigma [2] (x, y standard deviation
+    in pixels of the mean map as a distribution), rf_box [4] (x, y, w, h of the theoretical receptive
+    field, clipped to the input; -1 when the model cannot be traced) and rf [2] (its size)."""
+
+    outputs = {"map": "rf"}
+    torchscript = False
+    video = False
+    scale = "max"
+    has_summary = True
+
+    @dataclass
+    class Options:
+        unit: Optional[List[int]] = None  # [x, y] in the layer's map; null: the centre
+        channel: int = -1  # -1: sum over the layer's channels
+        display: str = "heatmap"  # heatmap | weighted
+
+        def __post_init__(self):
+            if self.display not in DISPLAY:
+                raise ValueError(f"display={self.display!r}; expected one of {DISPLAY}")
+            if self.unit is not None and len(self.unit) != 2:
+                raise ValueError(f"unit={self.unit!r}; expected [x, y]")
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self._loaded = None
+        self.units: Dict[str, Tuple[int, int]] = {}
+        self.supports: Dict[str, Support] = {}
+
+    def setup(self, model) -> None:
+        self._loaded = model
+
+    def check_layers(self, shapes):
+        super().check_layers(shapes)
+        self.require_image_maps(shapes)
+        for layer, shape in shapes.items():
+            C, h, w = shape[1:]
+            x, y = self.options.unit if self.options.unit is not None else (w // 2, h // 2)
+            if not (0 <= x < w and 0 <= y < h):
+                raise ValueError(f"erf.unit=[{x}, {y}] is outside {layer!r}'s {w} x {h} map")
+            if self.options.channel >= C:
+                raise ValueError(f"erf.channel={self.options.channel} but {layer!r} has {C} channels")
+            self.units[layer] = (x, y)
+
+    def check_model(self, model, layers) -> None:
+        device = next(model.parameters()).device
+        loaded = self._loaded if self._loaded is not None and self._loaded.module is model else None
+        example = loaded.example(device) if loaded else torch.zeros(1, 3, 224, 224, device=device)
+        try:
+            graph = loaded.support_graph() if loaded else SupportGraph(model, example)
+            with torch.no_grad():
+                values = graph.propagate(torch.zeros((1, 1) + graph.input_shape[1:], device=device), layers)
+            self.supports = {k: v for k, v in values.items() if isinstance(v, Support)}
+        except GraphError as err:
+            log.warning("erf: no theoretical receptive field to draw (%s)", err)
+        self.input_hw = tuple(example.shape[-2:])
+
+    def _attribute(self, p):
+        x = p.x.detach().requires_grad_(True)
+        layers = p.layers
+        with torch.enable_grad(), capture(p.model, layers, grad=True, stop=True) as acts:
+            forward(p.model, x)
+        out = {}
+        for i, layer in enumerate(layers):
+            ux, uy = self.units[layer]
+            a = acts[layer][:, :, uy, ux]  # [N, C]
+            unit = a.sum() if self.options.channel < 0 else a[:, self.options.channel].sum()
+            (g,) = torch.autograd.grad(unit, x, retain_graph=i < len(layers) - 1)
+            out[layer, "map"] = g.abs().sum(1, keepdim=True)  # [N, 1, H, W]
+        return out
+
+    def rf_box(self, layer: str) -> Tuple[List[int], List[float]]:
+        """(x, y, w, h) of the unit's theoretical receptive field clipped to the input, and its size."""
+        s = self.supports.get(layer)
+        if s is None:
+            return [-1, -1, -1, -1], [-1.0, -1.0]
+        fy, fx = s.fields[-2:]
+        ux, uy = self.units[layer]
+        H, W = self.input_hw
+        cx, cy = fx.start + ux * fx.jump, fy.start + uy * fy.jump
+        x0, y0 = max(0, round(cx - (fx.size - 1) / 2)), max(0, round(cy - (fy.size - 1) / 2))
+        x1, y1 = min(W - 1, round(cx + (fx.size - 1) / 2)), min(H - 1, round(cy + (fy.size - 1) / 2))
+        return [x0, y0, x1 - x0 + 1, y1 - y0 + 1], [fx.size, fy.size]
+
+    def draw(self) -> dict:
+        return {"display": self.options.display, "scale": self.scale,
+                "labels": {layer: field_label(self.supports.get(layer)) for layer in self.units},
+                "boxes": {layer: self.rf_box(layer)[0] for layer in self.units}}
+
+    def summarize(self, rows: Dict[Tuple[str, str], "np.ndarray"], chunk: int = 256) -> Dict[Tuple[str, str], np.ndarray]:
+        """rows: {(layer, "map"): array-like [R, 1, H, W]} (h5py datasets are read `chunk` rows at a time)."""
+        out = {}
+        for (layer, _), data in rows.items():
+            total, n = None, len(data)
+            for start in range(0, n, chunk):
+                part = np.asarray(data[start : start + chunk], dtype=np.float64).sum(0)[0]
+                total = part if total is None else total + part
+            if total is None:
+                continue
+            mean = total / n
+            out[layer, "mean"] = mean.astype(np.float32)
+            out[layer, "sigma"] = np.array(spread(mean), dtype=np.float32)
+            box, size = self.rf_box(layer)
+            out[layer, "rf_box"] = np.array(box, dtype=np.int64)
+            out[layer, "rf"] = np.array(size, dtype=np.float32)
+        return out
+
+
+def spread(m: np.ndarray) -> Tuple[float, float]:
+    """(x, y) standard deviation in pixels of a non-negative map taken as a distribution."""
+    total = float(m.sum())
+    if total <= 0:
+        return 0.0, 0.0
+    ys, xs = np.indices(m.shape)
+    p = m / total
+    mx, my = float((p * xs).sum()), float((p * ys).sum())
+    return float(np.sqrt((p * (xs - mx) ** 2).sum())), float(np.sqrt((p * (ys - my) ** 2).sum()))
