@@ -1,4 +1,5 @@
-"""`python -m pipeline.layers [model=...]`: every layer with its type and output shape."""
+"""`python -m pipeline.layers [model=...]`: every layer with its type, output shape and theoretical
+receptive field (size, jump = cumulative stride, centre of element 0's field, in input pixels)."""
 import sys
 
 import hydra
@@ -7,12 +8,15 @@ from omegaconf import DictConfig
 
 from pipeline.config import CONF_DIR, ConfigError, register_configs
 from pipeline.models import build_model, last_conv_block, probe_shapes
+from pipeline.rf import GraphError
+from pipeline.rf.table import field_table, fmt
 
 register_configs()
 
 
 def layer_table(cfg: DictConfig) -> str:
-    """One line per module: name, type, output shape for one [1, 3, S, S] input."""
+    """One line per module: name, type, output shape for one [1, 3, S, S] input, and the receptive
+    field of its output (size, jump, centre; per axis when they differ, "-" after a global pool)."""
     model = build_model(cfg.model, "cpu", cfg.data.clip_len)
     if isinstance(model.module, torch.jit.ScriptModule):
         raise ConfigError("a TorchScript model cannot be hooked, so its layers cannot be listed")
@@ -20,13 +24,20 @@ def layer_table(cfg: DictConfig) -> str:
     shapes = probe_shapes(model.module, example)
     modules = dict(model.module.named_modules())
     width = max(len(n) for n in modules)
-    lines = [f"# {model.description}, input {list(example.shape)}",
-             f"{'layer':<{width}}  {'type':<24}  output"]
+    try:
+        fields = {row.layer: row for row in field_table(model.support_graph())}
+        note = "receptive field in input pixels: size, jump (stride), centre of element 0"
+    except GraphError as err:
+        fields, note = {}, f"no receptive fields: {err}"
+    lines = [f"# {model.description}, input {list(example.shape)}; {note}",
+             f"{'layer':<{width}}  {'type':<24}  {'output':<22}  {'rf':>7}  {'jump':>5}  centre"]
     for name, module in modules.items():
         if name:
             shape = shapes.get(name, "not run")
-            shape = list(shape) if isinstance(shape, tuple) else shape
-            lines.append(f"{name:<{width}}  {type(module).__name__:<24}  {shape}")
+            shape = str(list(shape) if isinstance(shape, tuple) else shape)
+            row = fields.get(name)
+            rf = f"{fmt(row.size):>7}  {fmt(row.jump):>5}  {fmt(row.centre)}" if row else f"{'-':>7}  {'-':>5}  -"
+            lines.append(f"{name:<{width}}  {type(module).__name__:<24}  {shape:<22}  {rf}")
     default = list(cfg.model.layers) or [last_conv_block(model.module, shapes)]
     lines.append(f"# default layers: {default}")
     return "\n".join(lines)

@@ -1,12 +1,16 @@
 """Throughput of each technique end to end, as a ratio to a bare no-grad forward pass.
 
-    python scripts/bench.py [--n 64] [--batch-size 16] [--device auto] [--repeat 2] [--only foundation|techniques]
+    python scripts/bench.py [--n 64] [--batch-size 16] [--device auto] [--repeat 2] [--only foundation|techniques|comparisons|featvis|rf]
 
 All runs happen in this one process on the same inputs: the bundled sample photos copied to
 --n files. The bare forward pass times only `model(x)` under no_grad on batches already decoded
 and preprocessed. Each end-to-end run is `pipeline.runner.run` (DataLoader decode -> maps ->
 HDF5 + PNG, PNGs for the first 8 inputs) and counts from the first batch to the writer's close.
 Each figure is the best of --repeat runs (this machine is shared; timings are noisy).
+
+Section "rf" (issue 5): receptive-field maps for every layer of torchvision MobileNetV2 (random
+weights: timing only) at 224 x 224 up to features.18, for a batch of --batch-size crops, against
+one no-grad forward pass of the model on a batch of as many images.
 
 Section "featvis" (issue 4): filter_vis for all channels of blocks.4, batched against one channel
 at a time.
@@ -199,6 +203,51 @@ def featvis_section(base, device: torch.device, layer: str = "blocks.4") -> None
               f"{results['all', 1] / results['all', max_batch]:.1f}x faster; target >= 5")
 
 
+def rf_section(args, device: torch.device) -> None:
+    """Receptive-field maps of all MobileNetV2 layers for a batch of crops, x one forward pass."""
+    import torchvision
+
+    from pipeline.targets import TargetSpec
+    from pipeline.techniques import get_technique
+
+    model = torchvision.models.mobilenet_v2(weights=None).eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    B, layer = args.batch_size, "features.18"
+    x = torch.randn(B, 3, 224, 224, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+        sync()
+
+    base = timed(forward, 5)
+    g = torch.Generator().manual_seed(0)
+    crops = [[int(v) for v in torch.randint(0, 160, (2,), generator=g)] + [64, 64] for _ in range(B)]
+    print(f"\n# receptive fields: MobileNetV2, 224 x 224, every layer up to {layer}, {B} crops "
+          f"(x one forward pass of {B} images, {base * 1000:.1f} ms)")
+    print(f"{'case':<46} {'ms':>9} {'x forward':>10}")
+    for name in ("rf_forward", "rf_ratio", "rf_backward"):
+        t = get_technique(name)(crop=crops if name != "rf_backward" else [[3, 3, 1, 1]] * B)
+        t.prepare(model, [layer], x[:1])
+
+        def compute():
+            t.compute(device)
+            sync()
+
+        seconds = timed(compute, 5)
+        print(f"{name + f' ({len(t.drawn)} layers)':<46} {seconds * 1000:>9.1f} {seconds / base:>10.2f}", flush=True)
+    erf = get_technique("erf")()
+
+    def effective():
+        erf.attribute(model, x, [layer], TargetSpec.parse("pred"))
+        sync()
+
+    seconds = timed(effective, 3)
+    print(f"{'erf (' + layer + ', ' + str(B) + ' images)':<46} {seconds * 1000:>9.1f} {seconds / base:>10.2f}", flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=64, help="number of input images")
@@ -207,7 +256,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--n-small", type=int, default=16, help="inputs per technique in the techniques table")
-    parser.add_argument("--only", choices=["foundation", "techniques", "comparisons", "featvis"], default=None)
+    parser.add_argument("--only", choices=["foundation", "techniques", "comparisons", "featvis", "rf"], default=None)
     args = parser.parse_args(argv)
 
     register_configs()
@@ -229,6 +278,9 @@ def main(argv=None) -> None:
             if args.only == "featvis":
                 featvis_section(base, device)
                 return
+            if args.only == "rf":
+                rf_section(args, device)
+                return
             if args.only in ("techniques", "comparisons"):
                 techniques_section(common, forward, tmp, args)
                 return
@@ -246,6 +298,7 @@ def main(argv=None) -> None:
             if args.only is None:
                 techniques_section(common, forward, tmp, args)
                 featvis_section(base, device)
+                rf_section(args, device)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -189,7 +189,7 @@ def test_sigkill_mid_run_then_resume_loses_and_repeats_nothing(make_cfg, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     data, _ = read(run_dir / "maps.h5")
     assert sorted(ids(data)) == sorted(p.name for p in folder.iterdir())  # none lost, none twice
-    assert len(ids(data)) == 24 and all(len(v) == 24 for k, v in data.items() if not k.startswith("classes"))
+    assert len(ids(data)) == 24 and all(len(v) == 24 for k, v in data.items() if not k.startswith(("classes", "receptive_fields")))
 
     reference = tmp_path / "reference"
     run(make_cfg(*overrides, "num_workers=0"), reference)

@@ -59,8 +59,8 @@ def test_no_hooks_left_and_model_unchanged(name, raising):
                 call()
         else:
             assert call()
-    elif raising:
-        with pytest.raises(RuntimeError, match="boom"):
+    elif raising:  # receptive-field techniques meet the Boom while tracing: a ValueError naming it
+        with pytest.raises((RuntimeError, ValueError), match="boom"):
             technique.attribute(model, x, ["relu1", "conv2"], TargetSpec.parse("topk:2"))
     else:
         result = technique.attribute(model, x, ["relu1", "conv2"], TargetSpec.parse("topk:2"))

@@ -57,13 +57,17 @@ class EffectiveReceptiveField(Technique):
         super().check_layers(shapes)
         self.require_image_maps(shapes)
         for layer, shape in shapes.items():
-            C, h, w = shape[1:]
-            x, y = self.options.unit if self.options.unit is not None else (w // 2, h // 2)
-            if not (0 <= x < w and 0 <= y < h):
-                raise ValueError(f"erf.unit=[{x}, {y}] is outside {layer!r}'s {w} x {h} map")
-            if self.options.channel >= C:
-                raise ValueError(f"erf.channel={self.options.channel} but {layer!r} has {C} channels")
-            self.units[layer] = (x, y)
+            self.units[layer] = self.unit(layer, shape)
+
+    def unit(self, layer: str, shape) -> Tuple[int, int]:
+        """(x, y) of the chosen unit in a layer with output shape [N, C, h, w]."""
+        C, h, w = shape[1:]
+        x, y = self.options.unit if self.options.unit is not None else (w // 2, h // 2)
+        if not (0 <= x < w and 0 <= y < h):
+            raise ValueError(f"erf.unit=[{x}, {y}] is outside {layer!r}'s {w} x {h} map")
+        if self.options.channel >= C:
+            raise ValueError(f"erf.channel={self.options.channel} but {layer!r} has {C} channels")
+        return x, y
 
     def check_model(self, model, layers) -> None:
         device = next(model.parameters()).device
@@ -76,7 +80,7 @@ class EffectiveReceptiveField(Technique):
             self.supports = {k: v for k, v in values.items() if isinstance(v, Support)}
         except GraphError as err:
             log.warning("erf: no theoretical receptive field to draw (%s)", err)
-        self.input_hw = tuple(example.shape[-2:])
+        self.input_hw = tuple(example.shape[-2:])  # for the receptive-field box, clipped to the input
 
     def _attribute(self, p):
         x = p.x.detach().requires_grad_(True)
@@ -85,12 +89,18 @@ class EffectiveReceptiveField(Technique):
             forward(p.model, x)
         out = {}
         for i, layer in enumerate(layers):
+            if acts[layer].dim() != 4:
+                raise ValueError(f"erf: layer {layer!r} outputs {list(acts[layer].shape)}, not [N, C, h, w]")
+            if layer not in self.units:  # standalone use, without check_layers
+                self.units[layer] = self.unit(layer, acts[layer].shape)
             ux, uy = self.units[layer]
             a = acts[layer][:, :, uy, ux]  # [N, C]
             unit = a.sum() if self.options.channel < 0 else a[:, self.options.channel].sum()
             (g,) = torch.autograd.grad(unit, x, retain_graph=i < len(layers) - 1)
             out[layer, "map"] = g.abs().sum(1, keepdim=True)  # [N, 1, H, W]
         return out
+
+    input_hw: Tuple[int, int] = (224, 224)
 
     def rf_box(self, layer: str) -> Tuple[List[int], List[float]]:
         """(x, y, w, h) of the unit's theoretical receptive field clipped to the input, and its size."""

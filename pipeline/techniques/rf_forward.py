@@ -69,19 +69,26 @@ class SupportMaps(Technique):
         self.require_image_maps(shapes)
 
     def check_model(self, model, layers) -> None:
+        self.prepare(model, layers)
+
+    def prepare(self, model, layers, example: Optional[torch.Tensor] = None) -> None:
+        """Trace the model (the run's LoadedModel's shared graph when set up by the runner, else for
+        `example`'s input size, default [1, 3, 224, 224]), choose the drawn layers, check the crops."""
         if not layers:
             raise ValueError(f"{self.name}: choose at least one layer")
         device = next(model.parameters()).device
         try:
-            if self._loaded is not None and self._loaded.module is model:
+            if self._loaded is not None and self._loaded.module is model and example is None:
                 self.graph = self._loaded.support_graph()
-            else:  # standalone use: an ImageNet-sized input
-                self.graph = SupportGraph(model, torch.zeros(1, 3, 224, 224, device=device))
+            else:
+                example = example if example is not None else torch.zeros(1, 3, 224, 224)
+                self.graph = SupportGraph(model, torch.zeros_like(example[:1], device=device))
             order = {n: i for i, n in enumerate(self.graph.nodes)}
             chosen = sorted(layers, key=lambda l: order[self.graph.node(l)])
             drawn = self.graph.geometry_layers(chosen)
             self.drawn = drawn + [layer for layer in chosen if layer not in drawn]
             self.chosen = chosen[-1]
+            self.layers = list(layers)
             with torch.no_grad():
                 self.supports = self.graph.propagate(torch.zeros((1, 1) + self.graph.input_shape[1:], device=device), self.drawn)
         except GraphError as err:
@@ -91,6 +98,7 @@ class SupportMaps(Technique):
             raise ValueError(f"{self.name}: layers {ended} come after the spatial path ended (global pool or "
                              "linear layer); choose a convolutional layer")
         self.check_crops()
+        self._cache = {}
 
     def input_size(self):
         return self.graph.input_shape[1:]
@@ -109,10 +117,10 @@ class SupportMaps(Technique):
                 "boxes": [list(b) for b in self.boxes]}
 
     def _attribute(self, p):
+        if self.graph is None or self.layers != list(p.layers) or tuple(p.x.shape[1:]) != self.graph.input_shape:
+            self.prepare(p.model, p.layers, p.x)  # standalone use, or another input size
         key = (p.x.device, tuple(p.x.shape[2:]))
         if key not in self._cache:
-            if tuple(p.x.shape[1:]) != self.graph.input_shape:
-                raise ValueError(f"{self.name}: inputs {list(p.x.shape[1:])} differ from the traced {list(self.graph.input_shape)}")
             self._cache = {key: {layer: m.detach() for layer, m in self.compute(p.x.device).items()}}
         N = p.x.shape[0]
         return {(layer, "map"): m.unsqueeze(0).expand(N, *m.shape) for layer, m in self._cache[key].items()}
