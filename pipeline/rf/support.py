@@ -105,6 +105,7 @@ def pad_pairs(in_size: int, out_size: int, k_eff: int, stride: int, declared: in
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 def box(s: Support, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
@@ -129,7 +130,7 @@ def box(s: Support, kernel: Sequence[int], stride: Sequence[int], dilation: Sequ
     C_out = out_channels if out_channels is not None else C_in
     if mix_channels:
         if c == 1 or groups == 1:
-            m, g = m.mean(1, keepdim=True), 1
+            m, g = (m if c == 1 else m.mean(1, keepdim=True)), 1
         else:  # per-channel maps into a grouped convolution: average within each group
             m, g = m.reshape(N, groups, C_in // groups, *m.shape[2:]).mean(2), groups
     else:
@@ -138,8 +139,13 @@ def box(s: Support, kernel: Sequence[int], stride: Sequence[int], dilation: Sequ
     if any(flat):
         mode = "constant" if padding_mode == "zeros" else padding_mode
         m = F.pad(m, flat, mode=mode) if mode != "constant" else F.pad(m, flat)
-    weight = m.new_full((g, 1, *kernel), 1.0 / math.prod(kernel))
-    m = _CONV[d](m, weight, stride=tuple(stride), dilation=tuple(dilation), groups=g)
+    if all(k == 1 for k in kernel):  # 1 x 1: the map, subsampled by the stride
+        m = m[(slice(None), slice(None)) + tuple(slice(None, None, st) for st in stride)]
+    elif all(dl == 1 for dl in dilation):  # a box filter per channel is an average pool (padding done above)
+        m = _POOL[d](m, tuple(kernel), tuple(stride))
+    else:
+        weight = m.new_full((g, 1, *kernel), 1.0 / math.prod(kernel))
+        m = _CONV[d](m, weight, stride=tuple(stride), dilation=tuple(dilation), groups=g)
     if tuple(m.shape[2:]) != tuple(out_spatial):
         raise ValueError(f"box filter gave {list(m.shape[2:])}, the layer gives {list(out_spatial)}")
     if mix_channels and g > 1:
