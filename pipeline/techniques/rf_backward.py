@@ -25,7 +25,7 @@ class RFBackward(SupportMaps):
         check_inside(self.boxes, h, w, f"{self.name}.crop (in {self.chosen}'s {w} x {h} map)")
 
     def labels(self):
-        return {INPUT: "input", **super().labels()}
+        return {INPUT: "", **super().labels()}
 
     def draw(self):
         """Boxes on the input: the theoretical receptive field of each crop (clipped to the input)."""
