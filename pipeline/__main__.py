@@ -4,9 +4,11 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pipeline.config import CONF_DIR, ConfigError, register_configs
+from pipeline.data import resolve_shard
 from pipeline.runner import run
 
 log = logging.getLogger("pipeline")
@@ -15,8 +17,11 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
     try:
-        summary = run(cfg, HydraConfig.get().runtime.output_dir)
+        if cfg.data.shard == "auto":  # in a multirun, a Slurm array index is the sweep's job number
+            cfg.data.shard = resolve_shard("auto", multirun=hc.mode == RunMode.MULTIRUN)
+        summary = run(cfg, hc.runtime.output_dir)
     except ConfigError as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)

@@ -56,6 +56,7 @@ class DataConfig:
     )
     crop: Optional[List[int]] = None  # [x, y, w, h] in the source image's pixels
     limit: Optional[int] = None
+    shard: str = "auto"  # i/n: this job's block of the inputs | auto: from a Slurm job array | all
 
 
 @dataclass

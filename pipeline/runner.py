@@ -2,6 +2,8 @@
 into the async HDF5/PNG writer. Re-running into the same dir skips inputs already in maps.h5."""
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
 import random
@@ -10,20 +12,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import h5py
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, validate
-from pipeline.data import Source, build_source, make_loader
+from pipeline.data import Source, build_source, make_loader, resolve_shard
 from pipeline.evaluation import SanityCheck, deletion_insertion, heatmaps
 from pipeline.io.h5 import MapsFile
 from pipeline.io.plots import write_plots
 from pipeline.io.render import render_gallery, render_summary
 from pipeline.io.writer import AsyncWriter, BatchRecord
-from pipeline.rf.table import field_table, table_arrays
 from pipeline.models import LoadedModel, build_model, last_conv_block, probe_shapes, resolve_layers
+from pipeline.provenance import attempt, provenance
+from pipeline.rf.table import field_table, table_arrays
 from pipeline.targets import TargetSpec
 from pipeline.techniques import Pass, Technique, get_technique
 
@@ -72,9 +76,13 @@ def _as_config(cfg) -> DictConfig:
 
 
 def plan(cfg) -> Plan:
-    """Validate the config, build model, techniques and source; raises ConfigError on any problem."""
+    """Validate the config, build model, techniques and source; raises ConfigError on any problem.
+    `data.shard=auto` is resolved here (a Slurm job array's task, else all)."""
     cfg = _as_config(cfg)
     validate(cfg)
+    if cfg.data.shard == "auto":
+        cfg = copy.deepcopy(cfg)
+        cfg.data.shard = resolve_shard("auto")
     techniques: Dict[str, Technique] = {}
     for name, options in cfg.technique.items():
         try:
@@ -149,10 +157,13 @@ def run(cfg, out_dir: str | Path) -> Summary:
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     attrs = {"config": OmegaConf.to_yaml(cfg, resolve=True), "model": p.model.description,
-             "layers": ",".join(p.layers)}
+             "layers": ",".join(p.layers), "shard": cfg.data.shard, **provenance(p.device, cfg.seed)}
     if p.sanity:
         attrs["sanity_labels"] = p.sanity.labels
     maps_file = MapsFile(out_dir / "maps.h5", run_key(p), attrs)
+    this_attempt = attempt(p.device)
+    attempts = json.loads(maps_file.f.attrs.get("attempts", "[]")) + [this_attempt]
+    maps_file.f.attrs["attempts"] = json.dumps(attempts)
     if p.model.class_names:
         maps_file.write_once("classes", np.array(p.model.class_names, dtype=object))
     _write_field_table(p, maps_file)
@@ -199,8 +210,19 @@ def run(cfg, out_dir: str | Path) -> Summary:
             log.info("wrote %s", path)
     summary = Summary(out_dir, done, maps_file.rows, skipped, seconds,
                       done / seconds if seconds > 0 else math.nan, writer.pngs)
+    this_attempt.update(finished=True, done=done, skipped=skipped, rows=summary.rows, seconds=round(seconds, 3),
+                        images_per_s=round(summary.images_per_s, 3) if done else None)
+    _finish_attempt(out_dir / "maps.h5", this_attempt)
     log.info(summary.line())
     return summary
+
+
+def _finish_attempt(path: Path, record: dict) -> None:
+    """Replace this attempt's entry (the last) in the `attempts` attribute with its final record."""
+    with h5py.File(path, "a") as f:
+        attempts = json.loads(f.attrs.get("attempts", "[]"))
+        attempts[-1:] = [record]
+        f.attrs["attempts"] = json.dumps(attempts)
 
 
 def _generate(p: Plan, maps_file: MapsFile, out_dir: Path) -> None:

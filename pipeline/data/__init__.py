@@ -3,11 +3,22 @@ from pipeline.config import ConfigError
 from pipeline.data.base import BadItem, Item, Skip, Source, prepare
 from pipeline.data.images import SAMPLES_DIR, FolderSource, SamplesSource
 from pipeline.data.loader import Batch, make_loader
+from pipeline.data.shard import block, parse_shard, resolve_shard
 from pipeline.data.video import VideoSource
 
 
 def build_source(cfg) -> Source:
-    """The source a `data` config names; a missing path or an empty folder raises ConfigError."""
+    """The source a `data` config names, cut to its shard (`data.shard`, resolved: i/n or all);
+    a missing path or an empty folder raises ConfigError."""
+    source = _source(cfg)
+    shard = parse_shard(resolve_shard(cfg.get("shard", "all")))
+    if shard is not None:
+        source.items = block(source.items, *shard)
+        source.skipped = block(source.skipped, *shard)
+    return source
+
+
+def _source(cfg) -> Source:
     if cfg.kind == "samples":
         return SamplesSource(cfg.limit)
     if cfg.path is None:
@@ -22,5 +33,5 @@ def build_source(cfg) -> Source:
 
 __all__ = [
     "BadItem", "Batch", "FolderSource", "Item", "SAMPLES_DIR", "SamplesSource", "Skip", "Source",
-    "VideoSource", "build_source", "make_loader", "prepare",
+    "VideoSource", "block", "build_source", "make_loader", "parse_shard", "prepare", "resolve_shard",
 ]
