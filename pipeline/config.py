@@ -102,9 +102,12 @@ _TOPK = re.compile(r"^topk:[1-9]\d*$")
 
 
 def register_configs() -> None:
-    """Store the top-level schema and every registered technique's option schema."""
+    """Store the top-level schema, every registered technique's option schema and the submitit
+    launcher configs (pipeline/launchers.py)."""
+    from pipeline.launchers import register_launchers
     from pipeline.techniques import REGISTRY
 
+    register_launchers()
     cs = ConfigStore.instance()
     cs.store(name="pipeline_schema", node=Config)
     for name, technique in REGISTRY.items():

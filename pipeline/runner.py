@@ -201,8 +201,13 @@ def run(cfg, out_dir: str | Path) -> Summary:
                     writer.put(_compute(p, batch))
                     done += len(batch.items)
                 bar.update(len(batch.items) + len(batch.skipped))
-    finally:
+    except BaseException as err:  # interrupted (preemption signal, Ctrl-C, an error): record how far it got
         writer.close()
+        this_attempt.update(done=done, skipped=skipped, rows=maps_file.rows, interrupted=type(err).__name__,
+                            seconds=round(time.perf_counter() - start, 3))
+        _finish_attempt(out_dir / "maps.h5", this_attempt)
+        raise
+    writer.close()
     seconds = time.perf_counter() - start
     _summarize(p, out_dir, per_input)
     if cfg.evaluate.deletion or cfg.evaluate.insertion or cfg.evaluate.sanity:
