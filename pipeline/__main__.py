@@ -1,5 +1,6 @@
 """`python -m pipeline [overrides]`: the Hydra app over `pipeline.runner.run`."""
 import logging
+import shlex
 import sys
 
 import hydra
@@ -21,7 +22,11 @@ def main(cfg: DictConfig) -> None:
     try:
         if cfg.data.shard == "auto":  # in a multirun, a Slurm array index is the sweep's job number
             cfg.data.shard = resolve_shard("auto", multirun=hc.mode == RunMode.MULTIRUN)
-        summary = run(cfg, hc.runtime.output_dir)
+        command = None
+        if hc.mode == RunMode.MULTIRUN:  # this job alone, as a command (its process runs the launcher's)
+            command = " ".join(shlex.quote(a) for a in ["python", "-m", "pipeline", *hc.overrides.task,
+                                                          f"hydra.run.dir={hc.runtime.output_dir}"])
+        summary = run(cfg, hc.runtime.output_dir, command)
     except ConfigError as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)

@@ -11,7 +11,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -64,15 +64,17 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["python"] + argv)
 
 
-def provenance(device: torch.device, seed: int) -> Dict[str, str]:
-    """maps.h5 attributes: git_commit, git_dirty, versions (JSON), device, seed, command, host."""
+def provenance(device: torch.device, seed: int, command: Optional[str] = None) -> Dict[str, str]:
+    """maps.h5 attributes: git_commit, git_dirty, versions (JSON), device, seed, command, host.
+    `command` defaults to this process's command line."""
     commit, dirty = git_state()
     return {"git_commit": commit, "git_dirty": dirty, "versions": json.dumps(versions(), sort_keys=True),
-            "device": device_name(device), "seed": int(seed), "command": command_line(), "host": socket.gethostname()}
+            "device": device_name(device), "seed": int(seed), "command": command or command_line(),
+            "host": socket.gethostname()}
 
 
-def attempt(device: torch.device) -> Dict[str, object]:
+def attempt(device: torch.device, command: Optional[str] = None) -> Dict[str, object]:
     """One attempt of a run (a first run or a resume), completed by the runner when it ends."""
-    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "pid": os.getpid(),
-            "device": device_name(device), "command": command_line(),
+    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "unix_time": round(time.time(), 3), "host": socket.gethostname(), "pid": os.getpid(),
+            "device": device_name(device), "command": command or command_line(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "finished": False}

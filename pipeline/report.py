@@ -431,13 +431,19 @@ def run_section(run: Run, base: Path, max_images: int, level: int = 2) -> str:
 
 
 def sweep_table(runs: Sequence[Run]) -> Tuple[List[str], str]:
-    """(overridden keys, HTML): one row per run, one column per key overridden in any run."""
+    """(swept keys, HTML): one row per run, one column per overridden key whose value differs
+    between runs (every overridden key when none differs); keys set alike in every run are listed
+    above the table instead."""
     keys: List[str] = []
     for run in runs:
         for o in run.overrides or []:
             key = split_override(o)[0]
             if key not in keys:
                 keys.append(key)
+    values_of = [dict(split_override(o) for o in run.overrides or []) for run in runs]
+    varying = [k for k in keys if len({v.get(k) for v in values_of}) > 1]
+    common = [f"{k}={values_of[0].get(k)}" for k in keys if k not in varying] if varying else []
+    keys = varying or keys
     head = ["run", *keys, "rows", "skipped", "images/s", "maps (mean)"]
     rows = []
     for run in runs:
@@ -449,7 +455,8 @@ def sweep_table(runs: Sequence[Run]) -> Tuple[List[str], str]:
         rows.append([link, *(values.get(k, "") for k in keys), fmt(run.attrs.get("rows")),
                      fmt(run.attrs.get("skipped_rows", 0 if not run.error else None)), fmt(run.images_per_s), means])
     n = len(keys)
-    return keys, table(head, rows, numeric=(n + 1, n + 2, n + 3))
+    same = ("<p>Same in every run: " + " ".join(f"<code>{esc(c)}</code>" for c in common) + "</p>") if common else ""
+    return keys, same + table(head, rows, numeric=(n + 1, n + 2, n + 3))
 
 
 def page(title: str, intro: str, body: str) -> str:
@@ -492,7 +499,7 @@ def build(root: Path, out: Path, max_images: int = MAX_IMAGES) -> str:
     runs = [read_run(d, n, a) for d, n, a in zip(dirs, names, anchors(names))]
     keys, summary = sweep_table(runs)
     intro = [f'<p class="muted">Sweep dir <code>{esc(root.resolve())}</code>: {len(runs)} runs'
-             f'{"" if not keys else ", overridden keys: " + esc(", ".join(keys))}.</p>']
+             f'{"" if not keys else ", swept keys: " + esc(", ".join(keys))}.</p>']
     sweep_overrides = _sweep_overrides(root)
     if sweep_overrides:
         intro.append("<p>Sweep: " + " ".join(f"<code>{esc(o)}</code>" for o in sweep_overrides) + "</p>")

@@ -149,19 +149,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(cfg, out_dir: str | Path) -> Summary:
-    """Run a config into `out_dir` (Hydra's run dir under the CLI); returns the closing summary."""
+def run(cfg, out_dir: str | Path, command: Optional[str] = None) -> Summary:
+    """Run a config into `out_dir` (Hydra's run dir under the CLI); returns the closing summary.
+    `command` (recorded in maps.h5) defaults to this process's command line."""
     p = plan(cfg)
     cfg = p.cfg
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     attrs = {"config": OmegaConf.to_yaml(cfg, resolve=True), "model": p.model.description,
-             "layers": ",".join(p.layers), "shard": cfg.data.shard, **provenance(p.device, cfg.seed)}
+             "layers": ",".join(p.layers), "shard": cfg.data.shard, **provenance(p.device, cfg.seed, command)}
     if p.sanity:
         attrs["sanity_labels"] = p.sanity.labels
     maps_file = MapsFile(out_dir / "maps.h5", run_key(p), attrs)
-    this_attempt = attempt(p.device)
+    this_attempt = attempt(p.device, command)
     attempts = json.loads(maps_file.f.attrs.get("attempts", "[]")) + [this_attempt]
     maps_file.f.attrs["attempts"] = json.dumps(attempts)
     if p.model.class_names:

@@ -1,6 +1,6 @@
 """Throughput of each technique end to end, as a ratio to a bare no-grad forward pass.
 
-    python scripts/bench.py [--n 64] [--batch-size 16] [--device auto] [--repeat 2] [--only foundation|techniques|comparisons|featvis|rf]
+    python scripts/bench.py [--n 64] [--batch-size 16] [--device auto] [--repeat 2] [--only foundation|techniques|comparisons|featvis|rf|sweep]
 
 All runs happen in this one process on the same inputs: the bundled sample photos copied to
 --n files. The bare forward pass times only `model(x)` under no_grad on batches already decoded
@@ -11,6 +11,10 @@ Each figure is the best of --repeat runs (this machine is shared; timings are no
 Section "rf" (issue 5): receptive-field maps for every layer of torchvision MobileNetV2 (random
 weights: timing only) at 224 x 224 up to features.18, for a batch of --batch-size crops, against
 one no-grad forward pass of the model on a batch of as many images.
+
+Section "sweep" (issue 6): `python -m pipeline -m` over 3 layers x 2 techniques on the sample photos
+with the basic launcher and with hydra/launcher=submitit_local; wall time, the jobs' own compute
+time and how long after the command each job started computing.
 
 Section "featvis" (issue 4): filter_vis for all channels of blocks.4, batched against one channel
 at a time.
@@ -103,14 +107,16 @@ def timed(fn, repeat: int) -> float:
 def techniques_section(common, forward: float, tmp: Path, args) -> None:
     if args.only != "comparisons":
         technique_table(common, forward, tmp, args)
-    comparisons(common, tmp, args)
+    if not args.names:
+        comparisons(common, tmp, args)
 
 
 def technique_table(common, forward: float, tmp: Path, args) -> None:
     small = [o for o in common if not o.startswith("data.path")] + [f"data.path={tmp / 'small'}"]
     print(f"\n# every technique end to end, {args.n_small} inputs, layer bn2 (x bare forward)")
     print(f"{'technique':<46} {'images/s':>9} {'x forward':>10}")
-    for name in sorted(REGISTRY):
+    names = args.names.split(",") if args.names else sorted(REGISTRY)
+    for name in names:
         extra = SLOW.get(name, [])
         cfg = compose(config_name="config", overrides=small + [f"technique={name}", "layers=[bn2]"] + extra)
         ips = best_run(cfg, tmp / "runs" / name, 1)
@@ -248,6 +254,39 @@ def rf_section(args, device: torch.device) -> None:
     print(f"{'erf (' + layer + ', ' + str(B) + ' images)':<46} {seconds * 1000:>9.1f} {seconds / base:>10.2f}", flush=True)
 
 
+def sweep_section(args) -> None:
+    """The same multirun (3 layers x 2 techniques on the sample photos) with Hydra's basic launcher
+    (jobs one after another in one process) and with submitit_local (each job its own process)."""
+    import json
+    import subprocess
+
+    import h5py
+
+    overrides = ["technique=gradcam,activations", "layers=[blocks.4],[blocks.5],[bn2]", f"device={args.device}",
+                 f"num_workers={args.num_workers}"]
+    print(f"\n# sweep: 3 layers x 2 techniques on the 4 sample photos, wall time of `python -m pipeline -m ...`")
+    print(f"{'launcher':<16} {'wall s':>8} {'jobs':>5} {'sum of job compute s':>21} {'mean job start s':>17}")
+    walls = {}
+    for launcher in ("basic", "submitit_local"):
+        sweep = Path(tempfile.mkdtemp(prefix=f"pipeline-sweep-{launcher}-"))
+        cmd = [sys.executable, "-m", "pipeline", "-m", f"hydra/launcher={launcher}", *overrides, f"hydra.sweep.dir={sweep}"]
+        start = time.time()
+        subprocess.run(cmd, check=True, capture_output=True)
+        wall = time.time() - start
+        walls[launcher] = wall
+        compute, starts = 0.0, []
+        for maps in sorted(sweep.glob("*/maps.h5")):
+            with h5py.File(maps, "r") as f:
+                attempt = json.loads(f.attrs["attempts"])[-1]
+            compute += attempt["seconds"]
+            starts.append(attempt["unix_time"] - start)
+        print(f"{launcher:<16} {wall:>8.1f} {len(starts):>5} {compute:>21.1f} {sum(starts) / len(starts):>17.1f}", flush=True)
+        shutil.rmtree(sweep, ignore_errors=True)
+    extra = (walls["submitit_local"] - walls["basic"]) / 6
+    print(f"submitit_local costs {extra:+.1f} s per job against the basic launcher "
+          f"({walls['submitit_local'] / walls['basic']:.2f}x the wall time)")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=64, help="number of input images")
@@ -256,10 +295,14 @@ def main(argv=None) -> None:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--n-small", type=int, default=16, help="inputs per technique in the techniques table")
-    parser.add_argument("--only", choices=["foundation", "techniques", "comparisons", "featvis", "rf"], default=None)
+    parser.add_argument("--names", default=None, help="techniques table: only these (comma-separated)")
+    parser.add_argument("--only", choices=["foundation", "techniques", "comparisons", "featvis", "rf", "sweep"], default=None)
     args = parser.parse_args(argv)
 
     register_configs()
+    if args.only == "sweep":
+        sweep_section(args)
+        return
     device = resolve_device(args.device)
     tmp = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
     try:
@@ -299,6 +342,7 @@ def main(argv=None) -> None:
                 techniques_section(common, forward, tmp, args)
                 featvis_section(base, device)
                 rf_section(args, device)
+                sweep_section(args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
