@@ -123,3 +123,24 @@ def test_preempted_job_is_requeued_and_resumes_in_its_run_dir(tmp_path):
     assert sorted(ids(maps)) == sorted(p.name for p in folder.iterdir())  # none lost, none twice
     log = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
     assert "Requeued" in log or "requeu" in log.lower()
+
+
+def test_maps_h5_records_provenance(image_folder, tiny_checkpoint, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [*tiny_overrides(tiny_checkpoint, image_folder), "technique=gradcam", "layers=[conv2]", "seed=11",
+                 f"hydra.run.dir={run_dir}"]
+    result = subprocess.run([PYTHON, "-m", "pipeline", *overrides], cwd=tmp_path, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    git = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True)
+    with h5py.File(run_dir / "maps.h5", "r") as f:
+        attrs = dict(f.attrs)
+    assert attrs["git_commit"] == (git.stdout.strip() if git.returncode == 0 else "unknown")
+    assert attrs["git_dirty"] in (True, False)
+    versions = json.loads(attrs["versions"])
+    assert torch.__version__.startswith(versions["torch"]) and versions["h5py"] == h5py.__version__
+    assert attrs["device"].startswith("cpu") and attrs["seed"] == 11 and attrs["shard"] == "all"
+    assert attrs["command"].startswith("python -m pipeline ") and "seed=11" in attrs["command"]
+    (attempt,) = json.loads(attrs["attempts"])
+    assert attempt["finished"] and attempt["command"] == attrs["command"] and attempt["done"] == 7
