@@ -108,7 +108,8 @@ def test_run_report_shows_provenance_skips_stats_and_images(make_cfg, image_fold
     for o in overrides:
         assert o in page.text
     assert attrs["git_commit"] in page.text
-    assert ("dirty" in page.text) == bool(attrs["git_dirty"])
+    assert ("dirty (uncommitted changes)" in page.text) == bool(attrs["git_dirty"])
+    assert ("clean" in page.text) == (not attrs["git_dirty"])
     versions = json.loads(attrs["versions"])
     assert f"torch{versions['torch']}" in page.text.replace("\n", "") and "h5py" in page.text
     assert attrs["device"] in page.text and attrs["host"] in page.text and attrs["command"] in page.text
