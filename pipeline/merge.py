@@ -29,7 +29,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import h5py
 import numpy as np
 
-from pipeline.io.h5 import SKIP_FIELDS, MapsFile
+from pipeline.io.h5 import SKIP_FIELDS, MapsFile, decode_strings
 
 MAPS = "maps.h5"
 SHOW = 20  # ids listed in a message before "... (N in all)"
@@ -117,10 +117,6 @@ def key_differences(a: dict, b: dict, ignore: Iterable[str] = ("data.shard",)) -
             sb = "absent" if vb is _ABSENT else _short(vb)
             out.append(f"{path} ({sa} != {sb})")
     return out
-
-
-def _decode(values) -> List[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
 
 
 def _is_str(ds: h5py.Dataset) -> bool:
@@ -251,9 +247,9 @@ def _check_shards(shards: List[_Shard], errors: List[str]) -> None:
 def _ids(s: _Shard) -> List[str]:
     out: List[str] = []
     if s.rows and "id" in s.f:
-        out += _decode(s.f["id"][: s.rows])
+        out += decode_strings(s.f["id"][: s.rows])
     if s.skipped_rows and "skipped/id" in s.f:
-        out += _decode(s.f["skipped/id"][: s.skipped_rows])
+        out += decode_strings(s.f["skipped/id"][: s.skipped_rows])
     return out
 
 

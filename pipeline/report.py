@@ -25,6 +25,8 @@ import h5py
 import numpy as np
 import yaml
 
+from pipeline.io.h5 import decode_strings
+
 BLOCK_BYTES = 32 << 20  # rows read at a time for the statistics: about this many bytes
 NOT_ROWS = ("skipped", "classes", "receptive_fields", "summary")  # top-level groups that hold no map rows
 MAX_IMAGES = 12
@@ -150,10 +152,6 @@ def _json(text, default):
         return default
 
 
-def _text(values) -> List[str]:
-    return [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in values]
-
-
 @dataclass
 class Image:
     path: Path
@@ -215,7 +213,7 @@ def read_run(run_dir: Path, name: str, anchor: str) -> Run:
             run.attempts = [a for a in _json(run.attrs.get("attempts"), []) if isinstance(a, dict)]
             if "skipped/id" in f:
                 n = min(skipped_rows, f["skipped/id"].shape[0])
-                columns = [_text(f[f"skipped/{c}"][:n]) if f"skipped/{c}" in f else [""] * n
+                columns = [decode_strings(f[f"skipped/{c}"][:n]) if f"skipped/{c}" in f else [""] * n
                            for c in ("id", "source", "frame", "reason")]
                 run.skipped = list(zip(*columns))
             run.stats = [dataset_stats(f[name], rows) for name in map_datasets(f)]

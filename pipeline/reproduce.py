@@ -12,13 +12,14 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
 from omegaconf import OmegaConf
 
 from pipeline.config import Config, ConfigError, register_configs
+from pipeline.io.h5 import datasets, decode_strings
 
 EXCLUDE = ("id",)  # the key rows are matched on
 
@@ -35,16 +36,10 @@ def recorded_config(run_dir: Path):
     return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
 
 
-def _datasets(f: h5py.File) -> Dict[str, h5py.Dataset]:
-    out: Dict[str, h5py.Dataset] = {}
-    f.visititems(lambda name, obj: out.__setitem__(name, obj) if isinstance(obj, h5py.Dataset) else None)
-    return out
-
-
 def _values(ds: h5py.Dataset, n: Optional[int]) -> np.ndarray:
     data = ds[:n] if n is not None else ds[()]
     if ds.dtype.kind in "OS":
-        data = np.asarray([v.decode() if isinstance(v, bytes) else v for v in np.ravel(data)], dtype=object).reshape(np.shape(data))
+        data = np.asarray(decode_strings(np.ravel(data)), dtype=object).reshape(np.shape(data))
     return np.asarray(data)
 
 
@@ -67,7 +62,7 @@ def compare(a_path: Path, b_path: Path) -> List[Tuple[str, float, str]]:
     with h5py.File(a_path, "r", locking=False) as fa, h5py.File(b_path, "r", locking=False) as fb:
         rows_a, rows_b = int(fa.attrs.get("rows", 0)), int(fb.attrs.get("rows", 0))
         skip_a, skip_b = int(fa.attrs.get("skipped_rows", 0)), int(fb.attrs.get("skipped_rows", 0))
-        da, db = _datasets(fa), _datasets(fb)
+        da, db = datasets(fa), datasets(fb)
         ids_a = list(_values(fa["id"], rows_a)) if "id" in fa else []
         ids_b = list(_values(fb["id"], rows_b)) if "id" in fb else []
         if sorted(ids_a) != sorted(ids_b):

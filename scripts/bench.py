@@ -264,7 +264,7 @@ def sweep_section(args) -> None:
 
     overrides = ["technique=gradcam,activations", "layers=[blocks.4],[blocks.5],[bn2]", f"device={args.device}",
                  f"num_workers={args.num_workers}"]
-    print(f"\n# sweep: 3 layers x 2 techniques on the 4 sample photos, wall time of `python -m pipeline -m ...`")
+    print("\n# sweep: 3 layers x 2 techniques on the 4 sample photos, wall time of `python -m pipeline -m ...`")
     print(f"{'launcher':<16} {'wall s':>8} {'jobs':>5} {'sum of job compute s':>21} {'mean job start s':>17}")
     walls = {}
     for launcher in ("basic", "submitit_local"):
@@ -308,7 +308,7 @@ def main(argv=None) -> None:
     try:
         paths = make_inputs(tmp / "images", args.n)
         make_inputs(tmp / "small", args.n_small)
-        common = [f"data=folder", f"data.path={tmp / 'images'}", f"batch_size={args.batch_size}",
+        common = ["data=folder", f"data.path={tmp / 'images'}", f"batch_size={args.batch_size}",
                   f"device={args.device}", f"num_workers={args.num_workers}", "render.max_inputs=8"]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             base = compose(config_name="config", overrides=common)

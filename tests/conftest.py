@@ -3,17 +3,25 @@ import sys
 from pathlib import Path
 
 import cv2
+import h5py
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
 from pipeline.config import CONF_DIR, register_configs
+from pipeline.io.h5 import datasets
 from tests.tinymodels import tiny_net
 
 REPO = Path(__file__).resolve().parent.parent
 register_configs()
 torch.set_num_threads(2)
+
+
+def read_h5(path):
+    """({dataset path: array}, {attribute: value}) of a whole HDF5 file."""
+    with h5py.File(path, "r") as f:
+        return {name: ds[()] for name, ds in datasets(f).items()}, dict(f.attrs)
 
 
 @pytest.fixture

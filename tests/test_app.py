@@ -12,18 +12,11 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.layers import layer_table
 from pipeline.runner import run
-from tests.conftest import PYTHON, REPO, subprocess_env, tiny_overrides, write_images
+from tests.conftest import PYTHON, REPO, read_h5, subprocess_env, tiny_overrides, write_images
 from tests.test_data import write_video
 from tests.tinymodels import SlowNet
 
 LAYERS = "layers=[relu1,relu2]"
-
-
-def read(path):
-    with h5py.File(path, "r") as f:
-        out = {}
-        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-        return out, dict(f.attrs)
 
 
 def ids(data):
@@ -36,7 +29,7 @@ def test_run_writes_rows_pngs_and_skips(make_cfg, image_folder, tiny_checkpoint,
     out = tmp_path / "run"
     summary = run(cfg, out)
     assert (summary.done, summary.rows, summary.skipped) == (7, 7, 1)
-    data, attrs = read(out / "maps.h5")
+    data, attrs = read_h5(out / "maps.h5")
     assert ids(data) == sorted(ids(data)) and "sub/deep001.png" in ids(data)
     assert data["frame"].tolist() == [-1] * 7
     assert data["target"].shape == (7, 2) and data["score"].shape == (7, 2)
@@ -54,7 +47,7 @@ def test_run_writes_rows_pngs_and_skips(make_cfg, image_folder, tiny_checkpoint,
 
     again = run(cfg, out)  # same dir: everything is already there
     assert (again.done, again.rows, again.skipped) == (0, 7, 0)
-    assert ids(read(out / "maps.h5")[0]) == ids(data)
+    assert ids(read_h5(out / "maps.h5")[0]) == ids(data)
 
 
 def test_render_switches(make_cfg, image_folder, tiny_checkpoint, tmp_path):
@@ -96,7 +89,7 @@ def test_video_frames_run_and_past_the_end_is_skipped(make_cfg, tiny_checkpoint,
                    "data.step=3", "num_workers=2", "technique=[activations,gradcam]", LAYERS)
     summary = run(cfg, tmp_path / "run")
     assert (summary.done, summary.skipped) == (3, 1)
-    data, _ = read(tmp_path / "run" / "maps.h5")
+    data, _ = read_h5(tmp_path / "run" / "maps.h5")
     assert data["frame"].tolist() == [2, 5, 8]
     assert ids(data) == ["clip.mp4@000002", "clip.mp4@000005", "clip.mp4@000008"]
     assert "past the end" in data["skipped/reason"][0].decode() and data["skipped/frame"].tolist() == [11]
@@ -128,7 +121,7 @@ def test_app_default_job_on_the_embedded_model(tmp_path):
     result = app(f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done 4 inputs" in result.stdout and "images/s" in result.stdout
-    data, attrs = read(tmp_path / "run" / "maps.h5")
+    data, attrs = read_h5(tmp_path / "run" / "maps.h5")
     assert ids(data) == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"]
     assert 281 <= int(data["target"][1, 0]) <= 285  # chelsea: a cat class
     assert data["classes"][int(data["target"][2, 0])].decode() == "espresso"
@@ -150,9 +143,9 @@ def test_multirun_sweep_writes_one_dir_per_job(image_folder, tiny_checkpoint, tm
                  "layers=[relu1],[relu2]", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for job in range(4):
-        data, attrs = read(tmp_path / "sweep" / str(job) / "maps.h5")
+        data, attrs = read_h5(tmp_path / "sweep" / str(job) / "maps.h5")
         assert len(data["id"]) == 7
-    names = [set(read(tmp_path / "sweep" / str(j) / "maps.h5")[0]) for j in range(4)]
+    names = [set(read_h5(tmp_path / "sweep" / str(j) / "maps.h5")[0]) for j in range(4)]
     assert "saliency/input/grad" in names[0] and "gradcam/relu2/cam" in names[3]
 
 
@@ -187,13 +180,13 @@ def test_sigkill_mid_run_then_resume_loses_and_repeats_nothing(make_cfg, tmp_pat
 
     result = app(*overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    data, _ = read(run_dir / "maps.h5")
+    data, _ = read_h5(run_dir / "maps.h5")
     assert sorted(ids(data)) == sorted(p.name for p in folder.iterdir())  # none lost, none twice
     assert len(ids(data)) == 24 and all(len(v) == 24 for k, v in data.items() if not k.startswith(("classes", "receptive_fields")))
 
     reference = tmp_path / "reference"
     run(make_cfg(*overrides, "num_workers=0"), reference)
-    ref, _ = read(reference / "maps.h5")
+    ref, _ = read_h5(reference / "maps.h5")
     order = np.argsort(ids(data))
     assert ids(ref) == [ids(data)[i] for i in order]
     for name in ("gradcam/relu2/cam", "saliency/input/grad", "activations/relu1/maps", "target"):

@@ -11,10 +11,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from pipeline.config import CONF_DIR
-from pipeline.io.h5 import MapsFile
+from pipeline.io.h5 import MapsFile, decode_strings
 from pipeline.merge import MergeError, key_differences, main, merge
 from pipeline.runner import run
-from tests.conftest import PYTHON, subprocess_env, tiny_overrides, write_images
+from tests.conftest import PYTHON, read_h5, subprocess_env, tiny_overrides, write_images
 from tests.tinymodels import tiny_net
 
 BASE = ("layers=[relu1,relu2]", "technique=[gradcam,activations,erf]", "render.png=false")
@@ -55,32 +55,21 @@ def runs(tmp_path_factory):
     return out
 
 
-def datasets(path):
-    with h5py.File(path, "r") as f:
-        found = {}
-        f.visititems(lambda name, obj: found.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-        return found, dict(f.attrs)
-
-
-def strings(values):
-    return [v.decode() if isinstance(v, bytes) else v for v in values]
-
-
 def test_merged_shards_equal_an_unsharded_run(runs, tmp_path):
     out = tmp_path / "merged.h5"
     report = merge(runs["shards"], out)
     assert (report.rows, report.skipped_rows, report.completeness_checked) == (7, 1, True)
     assert [label for _, label in report.shards] == ["0/3", "1/3", "2/3"] and not report.warnings
-    merged, attrs = datasets(out)
-    full, full_attrs = datasets(runs["full"] / "maps.h5")
+    merged, attrs = read_h5(out)
+    full, full_attrs = read_h5(runs["full"] / "maps.h5")
     assert sorted(merged) == sorted(full)
 
-    ids = strings(merged["id"])
-    skipped = strings(merged["skipped/id"])
+    ids = decode_strings(merged["id"])
+    skipped = decode_strings(merged["skipped/id"])
     assert sorted(ids + skipped) == sorted(i for block in SHARD_IDS for i in block)  # each once
     assert len(set(ids + skipped)) == 8 and skipped == ["corrupt.png"]
     assert ids == [i for block in SHARD_IDS for i in block if i != "corrupt.png"]  # shard order
-    order = [strings(full["id"]).index(i) for i in ids]
+    order = [decode_strings(full["id"]).index(i) for i in ids]
     for name, value in full.items():
         got = merged[name]
         if name.startswith("skipped/") or name.startswith("receptive_fields/") or name.startswith("summary/"):
@@ -89,7 +78,7 @@ def test_merged_shards_equal_an_unsharded_run(runs, tmp_path):
             ref = value[order]
         assert got.shape == ref.shape and got.dtype == ref.dtype, name
         if got.dtype.kind == "O":
-            assert strings(got) == strings(ref), name
+            assert decode_strings(got) == decode_strings(ref), name
         elif got.dtype.kind in "iub":
             assert np.array_equal(got, ref), name
         else:
@@ -120,7 +109,7 @@ def test_merged_shards_equal_an_unsharded_run(runs, tmp_path):
         merge(runs["shards"], out)
     again = merge(list(reversed(runs["shards"])), out, overwrite=True)
     assert [label for _, label in again.shards] == ["0/3", "1/3", "2/3"]
-    assert strings(datasets(out)[0]["id"]) == ids
+    assert decode_strings(read_h5(out)[0]["id"]) == ids
 
 
 def test_a_missing_shard_is_named_with_its_inputs(runs, tmp_path):
@@ -221,8 +210,8 @@ def test_shards_without_rows_and_a_source_that_is_gone(runs, tmp_path):
         run(cfg(*base, f"data.shard={i}/3"), d)
     report = merge(dirs, tmp_path / "a.h5")
     assert (report.rows, report.skipped_rows, report.completeness_checked) == (1, 1, True)
-    merged, _ = datasets(tmp_path / "a.h5")
-    assert strings(merged["id"]) == ["img000.png"] and strings(merged["skipped/id"]) == ["corrupt.png"]
+    merged, _ = read_h5(tmp_path / "a.h5")
+    assert decode_strings(merged["id"]) == ["img000.png"] and decode_strings(merged["skipped/id"]) == ["corrupt.png"]
     np.testing.assert_allclose(merged["summary/erf/relu1/mean"], merged["erf/relu1/map"][0, 0], atol=1e-6)
 
     shutil.rmtree(folder)

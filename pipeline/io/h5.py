@@ -20,6 +20,18 @@ SKIP_FIELDS = ("id", "source", "frame", "reason")
 CHUNK_BYTES = 1 << 16  # small rows are grouped up to this size; a larger map is one chunk per row
 
 
+def decode_strings(values) -> List[str]:
+    """Strings read back from an h5py string dataset (bytes or str) as a list of str."""
+    return [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def datasets(group: h5py.Group) -> Dict[str, h5py.Dataset]:
+    """Every dataset below `group`, by its path relative to it."""
+    found: Dict[str, h5py.Dataset] = {}
+    group.visititems(lambda name, obj: found.__setitem__(name, obj) if isinstance(obj, h5py.Dataset) else None)
+    return found
+
+
 def _chunks(row_shape: Sequence[int], itemsize: int) -> tuple:
     row_bytes = int(np.prod(row_shape, dtype=np.int64)) * itemsize
     return (max(1, CHUNK_BYTES // max(row_bytes, 1)),) + tuple(row_shape)
@@ -53,9 +65,7 @@ class MapsFile:
 
     # -- reading back -------------------------------------------------------------------------
     def _row_datasets(self) -> List[h5py.Dataset]:
-        found: List[h5py.Dataset] = []
-        self.f.visititems(lambda name, obj: found.append(obj) if isinstance(obj, h5py.Dataset) else None)
-        return [d for d in found if d.maxshape and d.maxshape[0] is None]
+        return [d for d in datasets(self.f).values() if d.maxshape and d.maxshape[0] is None]
 
     def _truncate(self) -> None:
         """Cut every row dataset back to the committed count (drops a half-written batch)."""
@@ -69,9 +79,9 @@ class MapsFile:
         """Ids already in the file, as rows or as skipped records."""
         ids: Set[str] = set()
         if "id" in self.f:
-            ids.update(s.decode() if isinstance(s, bytes) else s for s in self.f["id"][: self.rows])
+            ids.update(decode_strings(self.f["id"][: self.rows]))
         if "skipped/id" in self.f:
-            ids.update(s.decode() if isinstance(s, bytes) else s for s in self.f["skipped/id"][: self.skipped_rows])
+            ids.update(decode_strings(self.f["skipped/id"][: self.skipped_rows]))
         return ids
 
     # -- writing ------------------------------------------------------------------------------

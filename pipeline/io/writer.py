@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from pipeline.data.base import Item, Skip
+from pipeline.data.base import Item
 from pipeline.io.h5 import MapsFile
 from pipeline.io.render import render_input
 

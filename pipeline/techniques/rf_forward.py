@@ -7,7 +7,7 @@ the crop and 0 outside becomes, at each layer, the fraction of each element's su
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import torch
 
