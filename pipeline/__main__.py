@@ -1,36 +1,66 @@
-"""`python -m pipeline [overrides]`: the Hydra app over `pipeline.runner.run`."""
+"""`python -m pipeline [overrides]`: the Hydra app over `pipeline.runner.run`.
+
+Exit codes: 0 done; 1 a run stopped by a condition the user can fix (a full disk: `error:` line);
+2 a config or run dir refused before any work (`error:` line); 130 Ctrl-C and 143 SIGTERM (the
+attempt is recorded as interrupted; running the same command again resumes).
+"""
 import logging
 import shlex
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import CONF_DIR, ConfigError, register_configs
 from pipeline.data import resolve_shard
-from pipeline.runner import run
+from pipeline.io.space import RunError, write_atomic
+from pipeline.runner import Terminated, run
 
 log = logging.getLogger("pipeline")
 register_configs()
 
 
+def write_hydra_record(run_dir: str, cfg: DictConfig) -> None:
+    """Hydra's `.hydra/{config,hydra,overrides}.yaml`, written by the app (conf/config.yaml sets
+    `hydra.output_subdir: null`) only once the run is accepted, so a refused resume leaves the
+    record of the run that made maps.h5."""
+    hc = HydraConfig.get()
+    folder = Path(run_dir) / ".hydra"
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", OmegaConf.create({"hydra": hc})),
+                       ("overrides.yaml", hc.overrides.task)):
+        write_atomic(folder / name, OmegaConf.to_yaml(node).encode())
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
+    run_dir = hc.runtime.output_dir
     try:
         if cfg.data.shard == "auto":  # in a multirun, a Slurm array index is the sweep's job number
             cfg.data.shard = resolve_shard("auto", multirun=hc.mode == RunMode.MULTIRUN)
         command = None
         if hc.mode == RunMode.MULTIRUN:  # this job alone, as a command (its process runs the launcher's)
             command = " ".join(shlex.quote(a) for a in ["python", "-m", "pipeline", *hc.overrides.task,
-                                                          f"hydra.run.dir={hc.runtime.output_dir}"])
-        summary = run(cfg, hc.runtime.output_dir, command)
+                                                          f"hydra.run.dir={run_dir}"])
+        summary = run(cfg, run_dir, command, on_start=lambda: write_hydra_record(run_dir, cfg))
     except ConfigError as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RunError as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as err:
+        signal_name = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
+        message = (f"interrupted by {signal_name}; the attempt is recorded in {run_dir}/maps.h5, and running "
+                   "the same command again resumes it")
+        log.warning("%s", message)
+        print(message, file=sys.stderr)
+        sys.exit(143 if isinstance(err, Terminated) else 130)
     print(summary.line())
 
 

@@ -103,7 +103,7 @@ class SanityCheck:
 
     def correlations(self, x: torch.Tensor, layers: Sequence[str], target, techniques: Dict[str, Technique],
                      originals: Dict[Key, torch.Tensor], targets: torch.Tensor, max_batch: int,
-                     generator: torch.Generator) -> Dict[Key, torch.Tensor]:
+                     seed: int = 0, ids: Optional[Sequence[str]] = None) -> Dict[Key, torch.Tensor]:
         """{key: [N, K, steps]} Spearman correlation of each map with its original after each group."""
         self.copy.load_state_dict(self.original.state_dict())
         modules = dict(self.copy.named_modules())
@@ -120,7 +120,7 @@ class SanityCheck:
                 p.requires_grad_(False)
             needs = frozenset().union(*(t.needs for t in techniques.values()))
             shared = Pass(self.copy, x, layers, target, max_batch=max_batch, needs=needs,
-                          generator=generator, targets=targets)
+                          seed=seed, ids=ids, targets=targets)
             for name in {key[0] for key in originals}:
                 result = techniques[name].attribute(self.copy, x, layers, target, shared=shared)
                 for key in [k for k in originals if k[0] == name]:

@@ -12,17 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigError
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How an image becomes the model's input: resize the shorter side, centre-crop, normalise."""
-
-    input_size: int
-    resize: int
-    interpolation: str
-    mean: Tuple[float, float, float]
-    std: Tuple[float, float, float]
+from pipeline.preprocess import Preprocess  # noqa: F401 - re-exported: pipeline.models.Preprocess
 
 
 @dataclass

@@ -2,31 +2,35 @@
 into the async HDF5/PNG writer. Re-running into the same dir skips inputs already in maps.h5."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
-import h5py
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, validate
-from pipeline.data import Source, build_source, make_loader, resolve_shard
+from pipeline.data import Source, build_source, resolve_shard
+from pipeline.data.loader import Loader, warm_up
 from pipeline.evaluation import SanityCheck, deletion_insertion, heatmaps
 from pipeline.io.h5 import MapsFile
 from pipeline.io.plots import write_plots
 from pipeline.io.render import render_gallery, render_summary
+from pipeline.io.lock import RunDirLock
+from pipeline.io.space import RunError, remove_stale_temporaries
 from pipeline.io.writer import AsyncWriter, BatchRecord
 from pipeline.models import LoadedModel, build_model, last_conv_block, probe_shapes, resolve_layers
-from pipeline.provenance import attempt, provenance
+from pipeline.provenance import attempt, command_line, provenance
 from pipeline.rf.table import field_table, table_arrays
 from pipeline.targets import TargetSpec
 from pipeline.techniques import Pass, Technique, get_technique
@@ -149,22 +153,80 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(cfg, out_dir: str | Path, command: Optional[str] = None) -> Summary:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, scancel), handled like Ctrl-C: the run stops, its attempt recorded as interrupted."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM raises Terminated in the main thread, unless something else (e.g.
+    submitit, which has its own preemption handling) already handles SIGTERM."""
+    def handler(signum, frame):
+        raise Terminated(f"terminated by {signal.Signals(signum).name}")
+
+    try:
+        installed = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        if installed:
+            signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        installed = False
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def interruption(err: BaseException) -> str:
+    """How an attempt ended early, for its record: SIGTERM, SIGINT or the exception's class."""
+    if isinstance(err, Terminated):
+        return "SIGTERM"
+    if isinstance(err, KeyboardInterrupt):
+        return "SIGINT"
+    return type(err).__name__
+
+
+def run(cfg, out_dir: str | Path, command: Optional[str] = None,
+        on_start: Optional[Callable[[], None]] = None) -> Summary:
     """Run a config into `out_dir` (Hydra's run dir under the CLI); returns the closing summary.
-    `command` (recorded in maps.h5) defaults to this process's command line."""
-    p = plan(cfg)
-    cfg = p.cfg
+
+    The run dir is locked first (a second live run into it is refused, naming the holder), then
+    every check runs before any work; `on_start` is called once the run is accepted (maps.h5 opened
+    or resumed), e.g. to write Hydra's `.hydra/` record, so a refused resume leaves the old record
+    and maps.h5 untouched. `command` (recorded in maps.h5) defaults to this process's command line.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with RunDirLock(out_dir, command or command_line()), sigterm_as_interrupt():
+        if _as_config(cfg).num_workers > 0:
+            warm_up()  # the decoders' fork server starts while the model loads
+        p = plan(cfg)
+        return _run(p, out_dir, command, on_start)
+
+
+def _run(p: Plan, out_dir: Path, command: Optional[str], on_start: Optional[Callable[[], None]]) -> Summary:
+    cfg = p.cfg
     seed_everything(cfg.seed)
+    remove_stale_temporaries(out_dir / "png")  # left by a run killed mid-write (we hold the lock)
     attrs = {"config": OmegaConf.to_yaml(cfg, resolve=True), "model": p.model.description,
              "layers": ",".join(p.layers), "shard": cfg.data.shard, **provenance(p.device, cfg.seed, command)}
     if p.sanity:
         attrs["sanity_labels"] = p.sanity.labels
     maps_file = MapsFile(out_dir / "maps.h5", run_key(p), attrs)
+    try:
+        return _run_into(p, out_dir, command, on_start, maps_file)
+    finally:
+        maps_file.close()
+
+
+def _run_into(p: Plan, out_dir: Path, command: Optional[str], on_start, maps_file: MapsFile) -> Summary:
+    cfg = p.cfg
+    if on_start is not None:
+        on_start()
     this_attempt = attempt(p.device, command)
     attempts = json.loads(maps_file.f.attrs.get("attempts", "[]")) + [this_attempt]
-    maps_file.f.attrs["attempts"] = json.dumps(attempts)
+    maps_file.set_attr("attempts", json.dumps(attempts))
     if p.model.class_names:
         maps_file.write_once("classes", np.array(p.model.class_names, dtype=object))
     _write_field_table(p, maps_file)
@@ -184,14 +246,14 @@ def run(cfg, out_dir: str | Path, command: Optional[str] = None) -> Summary:
     skipped = len(pre_skipped)
     done = 0
     start = time.perf_counter()
+    min_side = p.model.preprocess.resize if cfg.data.crop is None and cfg.data.get("reduced_decode", False) else None
     try:
         for s in pre_skipped:
             log.warning("skipped %s: %s", s.id, s.reason)
         if pre_skipped:
             writer.put(pre_skipped)
-        loader = make_loader(p.source, todo, cfg.data.crop, p.model.preprocess, cfg.batch_size,
-                             cfg.num_workers, pin_memory=p.device.type == "cuda")
-        with tqdm(total=len(todo), unit="img", desc="pipeline", mininterval=1.0) as bar:
+        with Loader(p.source, todo, cfg.data.crop, p.model.preprocess, cfg.batch_size, cfg.num_workers,
+                    min_side) as loader, tqdm(total=len(todo), unit="img", desc="pipeline", mininterval=1.0) as bar:
             for batch in loader:
                 for s in batch.skipped:
                     log.warning("skipped %s: %s", s.id, s.reason)
@@ -202,40 +264,50 @@ def run(cfg, out_dir: str | Path, command: Optional[str] = None) -> Summary:
                     writer.put(_compute(p, batch))
                     done += len(batch.items)
                 bar.update(len(batch.items) + len(batch.skipped))
-    except BaseException as err:  # interrupted (preemption signal, Ctrl-C, an error): record how far it got
-        writer.close()
-        this_attempt.update(done=done, skipped=skipped, rows=maps_file.rows, interrupted=type(err).__name__,
+    except BaseException as err:  # interrupted (a signal, Ctrl-C, preemption) or failed: record how far it got
+        writer_error = writer.abort()
+        if writer_error is not None and writer_error is not err:
+            log.error("the maps writer had failed too: %r", writer_error)
+        this_attempt.update(done=done, skipped=skipped, rows=maps_file.rows, interrupted=interruption(err),
+                            error=str(err).splitlines()[0][:300] if str(err) else None,
                             seconds=round(time.perf_counter() - start, 3))
-        _finish_attempt(out_dir / "maps.h5", this_attempt)
+        _record_attempt(maps_file, attempts, this_attempt)
         raise
     writer.close()
     seconds = time.perf_counter() - start
-    _summarize(p, out_dir, per_input)
-    if cfg.evaluate.deletion or cfg.evaluate.insertion or cfg.evaluate.sanity:
-        for path in write_plots(out_dir, out_dir / "maps.h5"):
-            log.info("wrote %s", path)
+    _summarize(p, out_dir, per_input, maps_file)
     summary = Summary(out_dir, done, maps_file.rows, skipped, seconds,
                       done / seconds if seconds > 0 else math.nan, writer.pngs)
     this_attempt.update(finished=True, done=done, skipped=skipped, rows=summary.rows, seconds=round(seconds, 3),
                         images_per_s=round(summary.images_per_s, 3) if done else None)
-    _finish_attempt(out_dir / "maps.h5", this_attempt)
+    _record_attempt(maps_file, attempts, this_attempt)
+    if cfg.evaluate.deletion or cfg.evaluate.insertion or cfg.evaluate.sanity:
+        maps_file.close()
+        for path in write_plots(out_dir, out_dir / "maps.h5"):
+            log.info("wrote %s", path)
     log.info(summary.line())
     return summary
 
 
-def _finish_attempt(path: Path, record: dict) -> None:
-    """Replace this attempt's entry (the last) in the `attempts` attribute with its final record."""
-    with h5py.File(path, "a") as f:
-        attempts = json.loads(f.attrs.get("attempts", "[]"))
-        attempts[-1:] = [record]
-        f.attrs["attempts"] = json.dumps(attempts)
+def _record_attempt(maps_file: MapsFile, attempts: List[dict], record: dict) -> None:
+    """Replace this attempt's entry (the last) in the `attempts` attribute with its final record;
+    on a full disk it is logged instead (the rows stay as committed)."""
+    attempts[-1:] = [record]
+    try:
+        maps_file.set_attr("attempts", json.dumps(attempts))
+    except RunError as err:
+        log.warning("this attempt could not be recorded in maps.h5: %s", err)
 
 
 def _generate(p: Plan, maps_file: MapsFile, out_dir: Path) -> None:
     """Data-free techniques (kernels, filter / class visualization): once per run, before the
     inputs; a group already complete in maps.h5 (a resumed run) is not computed again."""
     for name, technique in p.techniques.items():
-        if technique.uses_data or maps_file.has(name):
+        if technique.uses_data:
+            continue
+        if maps_file.has(name):  # complete from an earlier attempt; draw its PNG if that run died before
+            if p.cfg.render.png and not (out_dir / "png" / f"{name}.png").is_file():
+                render_gallery(out_dir, name, maps_file.group_arrays(name), p.cfg.render)
             continue
         log.info("%s: generating (no input data needed)", name)
         generator = torch.Generator(device=p.device).manual_seed(p.cfg.seed)
@@ -261,27 +333,22 @@ def _write_field_table(p: Plan, maps_file: MapsFile) -> None:
     maps_file.write_group("receptive_fields", table_arrays(rows))
 
 
-def _summarize(p: Plan, out_dir: Path, techniques: Dict[str, Technique]) -> None:
+def _summarize(p: Plan, out_dir: Path, techniques: Dict[str, Technique], maps_file: MapsFile) -> None:
     """Run-level summaries (e.g. the mean effective receptive field) from all rows in maps.h5, so a
     resumed run summarizes every input once; written under summary/<technique>/ and drawn."""
-    todo = {name: t for name, t in techniques.items() if t.has_summary}
-    if not todo:
-        return
-    maps_file = MapsFile(out_dir / "maps.h5", run_key(p))
-    try:
-        for name, technique in todo.items():
-            rows = maps_file.technique_rows(name)
-            if not rows or maps_file.rows == 0:
-                continue
-            arrays = {key: np.asarray(a) for key, a in technique.summarize(rows).items()}
-            maps_file.write_group(f"summary/{name}", {f"{layer}/{output}": a for (layer, output), a in arrays.items()})
-            if p.cfg.render.png and render_summary(out_dir, name, arrays, technique.draw(), p.cfg.render):
-                log.info("wrote %s", out_dir / "png" / f"{name}.png")
-    finally:
-        maps_file.close()
+    for name, technique in techniques.items():
+        if not technique.has_summary:
+            continue
+        rows = maps_file.technique_rows(name)
+        if not rows or maps_file.rows == 0:
+            continue
+        arrays = {key: np.asarray(a) for key, a in technique.summarize(rows).items()}
+        maps_file.write_group(f"summary/{name}", {f"{layer}/{output}": a for (layer, output), a in arrays.items()})
+        if p.cfg.render.png and render_summary(out_dir, name, arrays, technique.draw(), p.cfg.render):
+            log.info("wrote %s", out_dir / "png" / f"{name}.png")
 
 
-def _evaluate(p: Plan, x, maps, targets, generator) -> dict:
+def _evaluate(p: Plan, x, maps, targets, ids) -> dict:
     """Extra columns from `evaluate.*`: deletion / insertion curves and sanity correlations."""
     ev, out = p.cfg.evaluate, {}
     hm = heatmaps(p.techniques, maps)
@@ -293,7 +360,7 @@ def _evaluate(p: Plan, x, maps, targets, generator) -> dict:
                     out[name, layer, f"{output}.{metric}"] = values
     if p.sanity and hm:
         correlations = p.sanity.correlations(x, p.layers, p.target, p.techniques, hm, targets,
-                                             p.cfg.max_batch, generator)
+                                             p.cfg.max_batch, p.cfg.seed, ids)
         for (name, layer, output), values in correlations.items():
             out[name, layer, f"{output}.sanity"] = values
     return out
@@ -303,16 +370,16 @@ def _compute(p: Plan, batch) -> BatchRecord:
     x = batch.x.to(p.device, non_blocking=True)
     techniques = {name: t for name, t in p.techniques.items() if t.uses_data}
     needs = frozenset().union(*(t.needs for t in techniques.values()))
-    generator = torch.Generator(device=x.device).manual_seed(p.cfg.seed)
+    ids = [item.id for item in batch.items]  # random draws are keyed by seed and id (Pass.input_generator)
     shared = Pass(p.model.module, x, p.layers, p.target, max_batch=p.cfg.max_batch, needs=needs,
-                  generator=generator)
+                  seed=p.cfg.seed, ids=ids)
     maps = {}
     for name, technique in techniques.items():
         result = technique.attribute(p.model.module, x, p.layers, p.target, shared=shared)
         for (layer, output), tensor in result.maps.items():
             maps[name, layer, output] = tensor.detach()
     targets = shared.targets
-    maps.update(_evaluate(p, x, maps, targets, generator))
+    maps.update(_evaluate(p, x, maps, targets, ids))
     maps = {key: tensor.cpu().numpy() for key, tensor in maps.items()}
     logits = shared.logits.float()
     probs = logits.softmax(1).gather(1, targets)

@@ -11,6 +11,7 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.layers import layer_table
+from pipeline.io.render import png_name
 from pipeline.runner import run
 from tests.conftest import PYTHON, REPO, read_h5, subprocess_env, tiny_overrides, write_images
 from tests.test_data import write_video
@@ -43,7 +44,9 @@ def test_run_writes_rows_pngs_and_skips(make_cfg, image_folder, tiny_checkpoint,
     assert "decode" in data["skipped/reason"][0].decode()
     assert "relu1" in attrs["config"] and attrs["rows"] == 7
     pngs = sorted(p.relative_to(out).as_posix() for p in (out / "png").rglob("*.png"))
-    assert len(pngs) == 21 and "png/gradcam/sub__deep000.png.png" in pngs
+    names = [s.decode() for s in data["png"]]  # each row's PNG name, the same in every technique folder
+    assert names == [png_name(i) for i in ids(data)] and "img000.png.png" in names
+    assert sorted(pngs) == sorted(f"png/{t}/{n}" for t in ("activations", "saliency", "gradcam") for n in names)
 
     again = run(cfg, out)  # same dir: everything is already there
     assert (again.done, again.rows, again.skipped) == (0, 7, 0)
@@ -77,7 +80,7 @@ def test_bad_inputs_fail_before_any_work(make_cfg, image_folder, tiny_checkpoint
 
 def test_resume_refuses_a_different_config(make_cfg, image_folder, tiny_checkpoint, tmp_path):
     run(make_cfg(*tiny_overrides(tiny_checkpoint, image_folder, "layers=[relu1]", "technique=gradcam")), tmp_path)
-    with pytest.raises(ConfigError, match="different"):
+    with pytest.raises(ConfigError, match=r"other settings.*layers: \[\"relu1\"\] -> \[\"relu2\"\]"):
         run(make_cfg(*tiny_overrides(tiny_checkpoint, image_folder, "layers=[relu2]", "technique=gradcam")), tmp_path)
 
 

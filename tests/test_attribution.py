@@ -7,7 +7,7 @@ from torch import nn
 from pipeline.targets import TargetSpec
 from pipeline.techniques import Pass, get_technique
 from pipeline.maps import gaussian_blur
-from pipeline.techniques.integrated_gradients import baseline
+from pipeline.techniques.integrated_gradients import BASELINE_KEY, baseline
 from tests.tinymodels import CountForwards, tiny_net
 
 TOP2 = TargetSpec.parse("topk:2")
@@ -52,8 +52,8 @@ def test_ig_completeness_within_one_percent(method, kind, mean, std):
     maps = ig.attribute(model, x, [], TOP2).maps
     attr = maps["input", "attr"]  # [N, K, 3, H, W]
     assert attr.shape == (2, 2, 3, 12, 12) and maps["input", "maxabs"].shape == (2, 2, 12, 12)
-    # the baseline the technique used: the standalone Pass draws from a generator seeded 0
-    b = baseline(x, kind, 2.0, mean, std, torch.Generator().manual_seed(0))
+    # the baseline the technique used: a standalone Pass keys its draws by seed 0 and position
+    b = baseline(x, kind, 2.0, mean, std, Pass(model, x, [], TOP2).input_generators(BASELINE_KEY))
     with torch.no_grad():
         logits, base_logits = model(x), model(b)
     targets = logits.topk(2, 1).indices
@@ -78,7 +78,7 @@ def test_ig_of_a_linear_model_is_input_minus_baseline_times_weight():
 
 def test_ig_baselines():
     x = normalised(2, 3, 10, 10)
-    g = torch.Generator().manual_seed(0)
+    g = [torch.Generator().manual_seed(n) for n in range(2)]
     black = baseline(x, "black", 1.0, MEAN, STD, g)
     torch.testing.assert_close(black * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1),
                                torch.zeros_like(x))  # pixel 0 in every channel
@@ -146,11 +146,10 @@ def test_small_max_batch_gives_the_same_maps(name, options):
         torch.testing.assert_close(results[5][key], value, atol=1e-5, rtol=1e-4)
 
 
-def test_random_draws_come_from_the_pass_generator():
+def test_random_draws_follow_the_seed():
     model, x = tiny_net(), torch.rand(2, 3, 16, 16)
     run = lambda seed: make("smoothgrad", samples=2).attribute(
-        model, x, [], TOP2, shared=Pass(model, x, [], TOP2, generator=torch.Generator().manual_seed(seed))
-    ).maps["input", "grad"]
+        model, x, [], TOP2, shared=Pass(model, x, [], TOP2, seed=seed)).maps["input", "grad"]
     assert torch.equal(run(3), run(3)) and not torch.equal(run(3), run(4))
 
 

@@ -45,7 +45,7 @@ def test_sanity_check_drops_the_correlation_of_a_gradient_method_and_leaves_the_
     assert check.groups[-1] == parameter_layers(model)[::-1]  # the last group is every layer
     corr = check.correlations(x, [], target, {"saliency": saliency},
                               {("saliency", "input", "maxabs"): original.maps["input", "maxabs"]},
-                              original.targets, 16, torch.Generator().manual_seed(0))
+                              original.targets, 16, seed=0)
     values = corr["saliency", "input", "maxabs"]
     assert values.shape == (4, 1, 3)
     assert values[..., -1].mean() < 0.5  # fully randomized: the map no longer follows the model

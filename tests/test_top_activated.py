@@ -45,11 +45,12 @@ def test_top_channels_beside_their_cached_filter_images(tmp_path, monkeypatch):
 
 def test_other_settings_or_weights_get_their_own_cache(tmp_path):
     model = tiny_net()
-    a = make(tmp_path)._cache(model, "relu2")
-    assert make(tmp_path)._cache(model, "relu2") == a
-    assert get_technique("top_activated")(cache_dir=str(tmp_path / "cache"), size=16, steps=5)._cache(model, "relu2") != a
-    assert make(tmp_path)._cache(tiny_net(seed=1), "relu2") != a
-    assert make(tmp_path)._cache(model, "relu1") != a
+    a = make(tmp_path)._cache(model, "relu2", 0)
+    assert make(tmp_path)._cache(model, "relu2", 0) == a
+    assert get_technique("top_activated")(cache_dir=str(tmp_path / "cache"), size=16, steps=5)._cache(model, "relu2", 0) != a
+    assert make(tmp_path)._cache(tiny_net(seed=1), "relu2", 0) != a
+    assert make(tmp_path)._cache(model, "relu1", 0) != a
+    assert make(tmp_path)._cache(model, "relu2", 1) != a  # the seed picks the random starts
 
 
 def test_refuses_layers_without_feature_maps(tmp_path):

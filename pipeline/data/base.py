@@ -6,9 +6,8 @@ from typing import List, Optional, Sequence
 
 import cv2
 import numpy as np
-import torch
 
-from pipeline.models import Preprocess
+from pipeline.preprocess import Preprocess
 
 
 @dataclass(frozen=True)
@@ -45,15 +44,25 @@ _INTER = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.I
 
 
 def prepare(image: np.ndarray, crop: Optional[Sequence[int]], pre: Preprocess):
-    """RGB uint8 [H, W, 3] -> (model input float [3, S, S], display image uint8 [S, S, 3]);
+    """`prepare_array` with the model input as a torch tensor: (float [3, S, S], uint8 [S, S, 3]),
+    a clip ([3, T, S, S], [T, S, S, 3])."""
+    import torch  # here, not at the top: decoder workers import this module and need no torch
+
+    x, display = prepare_array(image, crop, pre)
+    return torch.from_numpy(x), display
+
+
+def prepare_array(image: np.ndarray, crop: Optional[Sequence[int]], pre: Preprocess):
+    """RGB uint8 [H, W, 3] -> (model input float32 [3, S, S], display image uint8 [S, S, 3]);
     a clip [T, H, W, 3] -> ([3, T, S, S], [T, S, S, 3]), every frame prepared alike.
 
     Crop box [x, y, w, h] first (must lie inside the image), then the shorter side is resized
-    to `pre.resize` (area interpolation when shrinking) and the centre `pre.input_size` square kept.
+    to `pre.resize` (area interpolation when shrinking) and the centre `pre.input_size` square kept;
+    then (x / 255 - mean) / std in float32.
     """
     if image.ndim == 4:
-        frames = [prepare(frame, crop, pre) for frame in image]
-        return torch.stack([f[0] for f in frames], 1), np.stack([f[1] for f in frames])
+        frames = [prepare_array(frame, crop, pre) for frame in image]
+        return np.stack([f[0] for f in frames], 1), np.stack([f[1] for f in frames])
     if crop is not None:
         x, y, w, h = (int(v) for v in crop)
         H, W = image.shape[:2]
@@ -70,7 +79,7 @@ def prepare(image: np.ndarray, crop: Optional[Sequence[int]], pre: Preprocess):
     h, w = image.shape[:2]
     top, left = (h - pre.input_size) // 2, (w - pre.input_size) // 2
     display = np.ascontiguousarray(image[top : top + pre.input_size, left : left + pre.input_size])
-    x = torch.from_numpy(display).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(pre.mean).view(3, 1, 1)
-    std = torch.tensor(pre.std).view(3, 1, 1)
+    x = display.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
+    mean = np.asarray(pre.mean, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(pre.std, dtype=np.float32).reshape(3, 1, 1)
     return (x - mean) / std, display

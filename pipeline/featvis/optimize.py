@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from pipeline.seeds import keyed_generator
 import torch.nn.functional as F
 from torch import nn
 
@@ -23,11 +25,17 @@ PRESETS: Dict[str, Dict[str, object]] = {
 }
 
 
-def row_generators(generator: torch.Generator, rows: int) -> List[torch.Generator]:
-    """One generator per row, seeded from `generator`: draw all seeds first, then chunk, so the
-    images do not depend on max_batch."""
-    seeds = torch.randint(0, 2**62, (rows,), generator=generator, device=generator.device).tolist()
-    return [torch.Generator(device=generator.device).manual_seed(s) for s in seeds]
+def base_seed(generator: torch.Generator) -> int:
+    """One draw from `generator`: the seed that every row's generator is keyed from."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+
+
+def row_generators(seed: int, keys: Sequence[Sequence[object]], device: torch.device | str) -> List[torch.Generator]:
+    """One generator per row, keyed by what the row makes: row i's generator is seeded by `seed`
+    and keys[i] (e.g. (layer, channel) or ("class", c); pipeline.seeds). A channel's image thus
+    depends neither on max_batch nor on which other channels are made with it, so filter_vis and
+    top_activated's cache make the same image for the same seed, layer, channel and settings."""
+    return [keyed_generator(seed, *key, device=device) for key in keys]
 
 
 def to_uint8(image: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ loses only the uncommitted batch, which the resumed run computes again (no row l
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Set
 
@@ -14,10 +15,12 @@ import h5py
 import numpy as np
 
 from pipeline.config import ConfigError
+from pipeline.io.space import DiskFull, is_disk_full, reserve
 
 STR = h5py.string_dtype()
 SKIP_FIELDS = ("id", "source", "frame", "reason")
 CHUNK_BYTES = 1 << 16  # small rows are grouped up to this size; a larger map is one chunk per row
+META_BYTES = 1 << 20  # room reserved for HDF5's own metadata on every write (object headers, B-trees, heaps)
 
 
 def decode_strings(values) -> List[str]:
@@ -37,25 +40,137 @@ def _chunks(row_shape: Sequence[int], itemsize: int) -> tuple:
     return (max(1, CHUNK_BYTES // max(row_bytes, 1)),) + tuple(row_shape)
 
 
+def append_bytes(columns: Dict[str, np.ndarray]) -> int:
+    """An upper bound on the bytes one appended batch may add to the file: twice the raw data (lzf
+    can grow incompressible data a little, and HDF5 rewrites a partly filled chunk elsewhere), a
+    chunk per dataset, and room for metadata."""
+    total = META_BYTES
+    for data in columns.values():
+        data = np.asarray(data)
+        raw = sum(len(str(v)) + 64 for v in data.ravel()) if data.dtype.kind in "OUS" else data.nbytes
+        total += 2 * raw + 2 * CHUNK_BYTES
+    return total
+
+
+def key_differences(old, new, prefix: str = "") -> List[str]:
+    """`key: old -> new` for every setting of two run keys that differs (dotted config keys)."""
+    out: List[str] = []
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            name = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old:
+                out.append(f"{name}: (not set) -> {_show(new[k])}")
+            elif k not in new:
+                out.append(f"{name}: {_show(old[k])} -> (not set)")
+            else:
+                out.extend(key_differences(old[k], new[k], name))
+    elif old != new:
+        out.append(f"{prefix}: {_show(old)} -> {_show(new)}")
+    return out
+
+
+def _show(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_resumable(path: Path, run_key: dict) -> None:
+    """Raise ConfigError, before anything is written, unless `path` is a pipeline run file that a
+    run under `run_key` may resume: an HDF5 file written by the pipeline, under the same key, whose
+    committed-row counters do not exceed its datasets. Read-only: a refused file is untouched."""
+    try:
+        if not h5py.is_hdf5(path):
+            raise ConfigError(f"{path} is not an HDF5 file, so it is not a run of this pipeline; use a new "
+                              "run dir (hydra.run.dir=...) or move the file away to start this run over")
+        with h5py.File(path, "r", locking=False) as f:
+            stored = f.attrs.get("run_key")
+            if stored is None:
+                if len(f) == 0 and len(f.attrs) == 0:
+                    return  # an empty file a run created and died before writing to: nothing to keep
+                raise ConfigError(f"{path} is an HDF5 file not written by the pipeline (it has no run_key "
+                                  "attribute); use a new run dir (hydra.run.dir=...)")
+            new = json.loads(json.dumps(run_key, sort_keys=True))
+            differences = key_differences(json.loads(stored), new)
+            if differences:
+                raise ConfigError(
+                    f"{path.parent} holds a run with other settings, so it cannot be resumed with these: "
+                    + "; ".join(differences) + ". Resume with the old settings, or use a new run dir "
+                    "(hydra.run.dir=...)")
+            damaged = _damage(f)
+            if damaged:
+                raise ConfigError(f"{path} is damaged ({damaged}); it cannot be resumed: use a new run dir "
+                                  "(hydra.run.dir=...)")
+    except OSError as err:
+        raise ConfigError(open_error(path, err)) from None
+
+
+def _damage(f: h5py.File) -> Optional[str]:
+    """Why the committed-row counters of `f` do not fit its datasets, or None."""
+    rows, skipped = int(f.attrs.get("rows", 0)), int(f.attrs.get("skipped_rows", 0))
+    for name, ds in datasets(f).items():
+        if not ds.maxshape or ds.maxshape[0] is not None:
+            continue
+        limit, counter = (skipped, "skipped_rows") if name.startswith("skipped/") else (rows, "rows")
+        if ds.shape[0] < limit:
+            return f"attribute {counter}={limit} but dataset {name} holds {ds.shape[0]}"
+    if rows and "id" not in f:
+        return f"attribute rows={rows} but there is no id dataset"
+    return None
+
+
+def open_error(path: Path, err: BaseException) -> str:
+    """The message for a maps.h5 that HDF5 cannot open: locked by another process (named, when it
+    can be found), or unreadable."""
+    text = str(err)
+    if "lock" in text.lower():
+        holders = processes_holding(path)
+        who = ", ".join(f"pid {pid} ({cmd})" for pid, cmd in holders) if holders else "another process"
+        return (f"{path} is open in {who}, which locks it: close it there and run again (to read a "
+                "maps.h5 while a run writes it, open it with h5py.File(path, 'r', locking=False))")
+    return (f"{path} exists but cannot be opened as HDF5 ({text.splitlines()[0][:200]}); use a new run dir "
+            "(hydra.run.dir=...) or move the file away to start this run over")
+
+
+def processes_holding(path: Path) -> List[tuple]:
+    """[(pid, command line)] of other processes with `path` open (Linux /proc; [] elsewhere)."""
+    target, found = os.path.realpath(path), []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if any(os.path.realpath(fd) == target for fd in (entry / "fd").iterdir()):
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                found.append((int(entry.name), cmd[:120]))
+        except OSError:
+            continue
+    return found
+
+
 class MapsFile:
     """Appends rows to `path`. `run_key` identifies what the rows mean (model, data, techniques,
-    layers, target); reopening a file written under another key raises ConfigError."""
+    layers, target); reopening a file written under another key raises ConfigError naming the keys
+    that differ, and a file that is not a pipeline run's (or is damaged) is refused; a refused open
+    leaves the file untouched. Every write first reserves its room on disk (pipeline.io.space), so
+    a full disk raises DiskFull before HDF5 writes anything and the committed rows stay readable."""
 
     def __init__(self, path: str | Path, run_key: dict, attrs: Optional[Dict[str, str]] = None):
         self.path = Path(path)
         key = json.dumps(run_key, sort_keys=True)
+        if self.path.is_file() and self.path.stat().st_size == 0:
+            self.path.unlink()  # created by a run that died before HDF5 wrote a byte: nothing to keep
+        if self.path.exists():
+            check_resumable(self.path, run_key)
         try:
             self.f = h5py.File(self.path, "a")
         except OSError as err:
-            raise ConfigError(
-                f"{self.path} exists but cannot be opened ({err}); move it away to start this run over"
-            ) from None
-        if "run_key" in self.f.attrs and self.f.attrs["run_key"] != key:
-            self.f.close()
-            raise ConfigError(
-                f"{self.path} was written by a run with a different model/data/technique/layers/target "
-                "config; use a new run dir (hydra.run.dir=...) or restore the old settings to resume"
-            )
+            if is_disk_full(err):
+                raise DiskFull(self.path) from None
+            raise ConfigError(open_error(self.path, err)) from None
+        self._fd = self.f.id.get_vfd_handle()
+        self.reserve(META_BYTES + sum(len(str(v)) for v in (attrs or {}).values()) + len(key))
         self.f.attrs["run_key"] = key
         for name, value in (attrs or {}).items():
             self.f.attrs[name] = value
@@ -63,12 +178,26 @@ class MapsFile:
         self.skipped_rows = int(self.f.attrs.get("skipped_rows", 0))
         self._truncate()
 
+    def reserve(self, nbytes: int) -> None:
+        """Room for the next write: `nbytes` allocated past the end of the file (or DiskFull)."""
+        reserve(self._fd, nbytes, self.path)
+
+    def set_attr(self, name: str, value) -> None:
+        """One attribute (e.g. the attempts record), written with its room reserved, and flushed."""
+        self.reserve(META_BYTES + 2 * len(str(value)))
+        self.f.attrs[name] = value
+        self.f.flush()
+
     # -- reading back -------------------------------------------------------------------------
     def _row_datasets(self) -> List[h5py.Dataset]:
         return [d for d in datasets(self.f).values() if d.maxshape and d.maxshape[0] is None]
 
     def _truncate(self) -> None:
         """Cut every row dataset back to the committed count (drops a half-written batch)."""
+        damaged = _damage(self.f)
+        if damaged:  # never grow a dataset with blank rows
+            self.f.close()
+            raise ConfigError(f"{self.path} is damaged ({damaged}); use a new run dir (hydra.run.dir=...)")
         for ds in self._row_datasets():
             limit = self.skipped_rows if ds.name.startswith("/skipped/") else self.rows
             if ds.shape[0] != limit:
@@ -107,6 +236,7 @@ class MapsFile:
         if len(lengths) != 1:
             raise ValueError(f"columns of different lengths: {lengths}")
         (n,) = lengths
+        self.reserve(append_bytes(columns))
         start = self.rows
         for name, data in columns.items():
             self._append(name, np.asarray(data), start)
@@ -119,6 +249,7 @@ class MapsFile:
         records = list(records)
         if not records:
             return
+        self.reserve(META_BYTES + 4 * sum(len(r.id) + len(r.source) + len(r.reason) + 8 for r in records))
         for field in SKIP_FIELDS:
             values = np.array([getattr(r, field) for r in records], dtype=np.int64 if field == "frame" else object)
             self._append(f"skipped/{field}", values, self.skipped_rows)
@@ -138,12 +269,23 @@ class MapsFile:
                             out[layer, output] = ds
         return out
 
+    def group_arrays(self, group: str) -> Dict[tuple, np.ndarray]:
+        """{(layer, output): array} of a group written by write_group (`<group>/<layer>/<output>`)."""
+        out: Dict[tuple, np.ndarray] = {}
+        for name, ds in datasets(self.f[group]).items():
+            layer, _, output = name.rpartition("/")
+            data = ds[()]
+            out[layer, output] = np.asarray(decode_strings(data)) if ds.dtype.kind in "OS" else data
+        return out
+
     def has(self, name: str) -> bool:
         return name in self.f
 
     def write_group(self, group: str, arrays: Dict[str, np.ndarray]) -> None:
         """Fixed-size results of a data-free technique under `group`; the group is marked complete
         last, so a run killed mid-write redoes it (and `has(group)` stays False until then)."""
+        self.reserve(META_BYTES + 2 * sum(np.asarray(a).nbytes + 64 * np.asarray(a).size * (np.asarray(a).dtype.kind in "OUS")
+                                          for a in arrays.values()))
         for stale in (group, group + ".partial"):
             if stale in self.f:
                 del self.f[stale]
@@ -160,6 +302,7 @@ class MapsFile:
     def write_once(self, name: str, data: np.ndarray) -> None:
         """A dataset that does not grow with rows (e.g. class names)."""
         if name not in self.f:
+            self.reserve(META_BYTES + 2 * data.nbytes + 64 * data.size * (data.dtype.kind in "OUS"))
             self.f.create_dataset(name, data=data.astype(object) if data.dtype.kind in "OUS" else data,
                                   dtype=STR if data.dtype.kind in "OUS" else data.dtype)
 

@@ -1,10 +1,14 @@
 """The one place maps become pictures: upsampling, normalisation, colouring, tiles and grids."""
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
+
+from pipeline.io.space import write_atomic
 
 Tile = np.ndarray  # RGB uint8 [t, t, 3]
 
@@ -88,11 +92,12 @@ def grid(rows: Sequence[Sequence[Tile]], size: int, pad: int = 2) -> np.ndarray:
 
 
 def write_png(path, image: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Encode an RGB image and write it atomically (temporary file, then rename; DiskFull when the
+    disk is full, leaving no partial file)."""
     ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     if not ok:
         raise OSError(f"cannot encode {path}")
-    path.write_bytes(buf.tobytes())
+    write_atomic(Path(path), buf.tobytes())
 
 
 def technique_rows(
@@ -264,10 +269,23 @@ def clip_rows(technique, kinds, maps, clip: np.ndarray, title: str, targets, cfg
     return rows
 
 
-def safe_name(item_id: str) -> str:
-    """A file name for an input id ("a/b.jpg" -> "a__b.jpg")."""
-    keep = "".join(ch if ch.isalnum() or ch in "._-@" else "_" for ch in item_id.replace("/", "__"))
-    return keep[:200] or "input"
+def png_name(item_id: str) -> str:
+    """The PNG file name of an input, the same in every `png/<technique>/` folder (maps.h5 records
+    it per row in the `png` dataset). An id made of ASCII letters, digits and `._-@` only, up to
+    150 characters, keeps its name ("chelsea.jpg" -> "chelsea.jpg.png"); any other id is cleaned
+    ("/" -> "__", other characters -> "_", cut to 150 characters) and gets "~" and 12 hex digits of
+    the SHA-1 of the exact id ("a b.jpg" -> "a_b.jpg~<sha1>.png"). Cleaned names never equal a kept
+    name (they hold "~", which is never kept), so two inputs never share a PNG."""
+    clean = "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "._-@" else "_"
+                    for ch in item_id.replace("/", "__"))
+    if clean == item_id and 0 < len(item_id) <= 150 and not item_id.startswith("."):
+        return f"{item_id}.png"
+    return f"{clean[:150]}~{hashlib.sha1(item_id.encode()).hexdigest()[:12]}.png"
+
+
+def png_path(out_dir, technique: str, item_id: str) -> Path:
+    """Where `render_input` writes an input's grid for a technique: png/<technique>/<png_name>."""
+    return Path(out_dir) / "png" / technique / png_name(item_id)
 
 
 def render_input(
@@ -275,12 +293,13 @@ def render_input(
     targets: Sequence[Tuple[str, float]], cfg, label_fn: Optional[Callable[[str], str]] = None,
     draw: Optional[dict] = None,
 ):
-    """Write png/<technique>/<id>.png for one input; returns the path, or None if nothing to draw."""
+    """Write png/<technique>/<png_name(id)> for one input (atomically); returns the path, or None
+    if nothing to draw."""
     rows = technique_rows(technique, kinds, maps, image, label_fn(item_id) if label_fn else item_id,
                           targets, cfg, draw)
     if not rows:
         return None
-    path = out_dir / "png" / technique / f"{safe_name(item_id)}.png"
+    path = png_path(out_dir, technique, item_id)
     write_png(path, grid(rows, cfg.tile))
     return path
 

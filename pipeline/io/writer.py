@@ -1,4 +1,10 @@
-"""Keeps HDF5 and PNG writing off the compute path: a thread drains a bounded queue of batches."""
+"""Keeps HDF5 and PNG writing off the compute path: a thread drains a bounded queue of batches.
+
+Per batch, in this order: room for its rows is reserved in maps.h5 (DiskFull before anything is
+written), the PNGs of its rows below `render.max_inputs` are written (each atomically), then its
+rows are appended and committed. A committed row below `render.max_inputs` therefore always has
+its PNGs; a run killed before the commit computes the batch again on resume and rewrites them.
+"""
 from __future__ import annotations
 
 import queue
@@ -10,8 +16,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from pipeline.data.base import Item
-from pipeline.io.h5 import MapsFile
-from pipeline.io.render import render_input
+from pipeline.io.h5 import MapsFile, append_bytes
+from pipeline.io.render import png_name, render_input
 
 
 @dataclass
@@ -25,8 +31,10 @@ class BatchRecord:
 
 
 class AsyncWriter:
-    """`put()` batches from the compute loop; a thread appends them to maps.h5 and renders PNGs
-    for rows below `render.max_inputs`. An error in the thread is raised by the next put/close."""
+    """`put()` batches (or lists of skipped records) from the compute loop; a thread writes them.
+    An error in the thread is raised, itself (with the thread's traceback), by the next put() or by
+    close(); abort() stops the thread without raising and returns that error, if any. The caller
+    owns `maps_file` and closes it."""
 
     def __init__(self, maps_file: MapsFile, out_dir: Path, render_cfg, kinds: Dict[str, Dict[str, str]],
                  class_name: Callable[[int], str], depth: int = 4, draw: Optional[Dict[str, dict]] = None):
@@ -40,17 +48,31 @@ class AsyncWriter:
 
     def put(self, record) -> None:
         self._check()
-        self._queue.put(record)
+        while True:  # a bounded wait, so a writer that failed meanwhile is noticed
+            try:
+                self._queue.put(record, timeout=0.5)
+                return
+            except queue.Full:
+                self._check()
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self.file.close()
+        """Write everything queued, stop the thread; raises the thread's error, if any."""
+        self._stop()
         self._check()
+
+    def abort(self) -> Optional[BaseException]:
+        """Stop the thread (after the batches already queued) without raising; returns its error."""
+        self._stop()
+        return self._error
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
     def _check(self) -> None:
         if self._error is not None:
-            raise RuntimeError(f"writing maps failed: {self._error}") from self._error
+            raise self._error
 
     def _loop(self) -> None:
         while True:
@@ -64,28 +86,29 @@ class AsyncWriter:
                     self.file.append_skipped(record)
                 else:
                     self._write(record)
-            except BaseException as err:  # noqa: BLE001 - surfaced in the main thread
+            except BaseException as err:  # noqa: BLE001 - raised in the main thread by put/close
                 self._error = err
 
     def _write(self, r: BatchRecord) -> None:
+        start, limit = self.file.rows, self.render.max_inputs
+        drawn = [bool(self.render.png) and (limit is None or start + i < limit) for i in range(len(r.items))]
         columns = {
             "id": np.array([it.id for it in r.items], dtype=object),
             "source": np.array([it.source for it in r.items], dtype=object),
             "frame": np.array([it.frame for it in r.items], dtype=np.int64),
             "target": r.targets, "score": r.scores, "logit": r.logits,
+            "png": np.array([png_name(it.id) if d else "" for it, d in zip(r.items, drawn)], dtype=object),
         }
         for (technique, layer, output), data in r.maps.items():
             columns[f"{technique}/{layer}/{output}"] = data
-        start = self.file.append(columns)
-        if not self.render.png:
-            return
-        limit = self.render.max_inputs
+        self.file.reserve(append_bytes(columns))  # room for the rows first: DiskFull before any write
         for i, item in enumerate(r.items):
-            if limit is not None and start + i >= limit:
-                break
+            if not drawn[i]:
+                continue
             targets = [(self.class_name(int(t)), float(s)) for t, s in zip(r.targets[i], r.scores[i])]
             for technique, kinds in self.kinds.items():
                 maps = {(l, o): d[i] for (t, l, o), d in r.maps.items() if t == technique}
                 if render_input(self.out_dir, item.id, technique, kinds, maps, r.display[i], targets, self.render,
                                 draw=self.draw.get(technique)):
                     self.pngs += 1
+        self.file.append(columns)  # commit: only now are these rows part of the run

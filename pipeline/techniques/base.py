@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from pipeline.hooks import capture
+from pipeline.seeds import keyed_generator
 from pipeline.targets import TargetSpec
 
 REGISTRY: Dict[str, Type["Technique"]] = {}
@@ -93,18 +94,33 @@ class Pass:
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, layers: Sequence[str], target: TargetSpec,
-                 *, max_batch: int = 64, needs: FrozenSet[str] = frozenset(),
-                 generator: Optional[torch.Generator] = None, targets: Optional[torch.Tensor] = None):
+                 *, max_batch: int = 64, needs: FrozenSet[str] = frozenset(), seed: int = 0,
+                 ids: Optional[Sequence[str]] = None, targets: Optional[torch.Tensor] = None):
         self.model, self.x, self.layers, self.target = model, x, list(layers), target
         self.max_batch, self.needs = max_batch, needs
-        # Random draws (noise samples, random baselines) come from this generator, on x's device.
-        self.generator = generator or torch.Generator(device=x.device).manual_seed(0)
+        # Random draws are keyed per input by `seed` and the input's id (`input_generator`), so an
+        # input's map does not depend on its batch; without ids, inputs are keyed by position.
+        self.seed = int(seed)
+        self.ids = list(ids) if ids is not None else [f"#{n}" for n in range(x.shape[0])]
+        if len(self.ids) != x.shape[0]:
+            raise ValueError(f"{len(self.ids)} ids for a batch of {x.shape[0]} inputs")
+        self.generator = torch.Generator(device=x.device).manual_seed(self.seed)  # batch-level draws
         self._memo: Dict[str, Any] = {}
         self._logits: Optional[torch.Tensor] = None
         self._targets: Optional[torch.Tensor] = targets  # [N, K] given: explain these classes
         self._acts: Optional[Dict[str, torch.Tensor]] = None
         self._layer_grads: Optional[Dict[str, torch.Tensor]] = None
         self._input_grads: Optional[torch.Tensor] = None
+
+    # -- per-input random draws ----------------------------------------------------------------
+    def input_generator(self, n: int, *purpose) -> torch.Generator:
+        """A generator (on x's device) for input n's draws for `purpose` (e.g. "smoothgrad", s),
+        seeded by the run's seed and the input's id only (pipeline.seeds)."""
+        return keyed_generator(self.seed, self.ids[n], *purpose, device=self.x.device)
+
+    def input_generators(self, *purpose) -> List[torch.Generator]:
+        """`input_generator(n, *purpose)` for every input n of the batch."""
+        return [self.input_generator(n, *purpose) for n in range(self.x.shape[0])]
 
     # -- logits and targets ---------------------------------------------------------------------
     def set_logits(self, logits: torch.Tensor) -> None:
@@ -262,18 +278,20 @@ class Technique:
         return {}
 
     def attribute(self, model: nn.Module, x: torch.Tensor, layers: Sequence[str], target: TargetSpec,
-                  *, max_batch: int = 64, shared: Optional[Pass] = None) -> Result:
+                  *, max_batch: int = 64, shared: Optional[Pass] = None, seed: int = 0,
+                  ids: Optional[Sequence[str]] = None) -> Result:
         """Maps for a batch x [N, C, H, W] or [N, C, T, H, W]; the model must be in eval mode.
 
         `shared`: the runner's Pass for this batch, so computations common to several
-        techniques run once; standalone calls get a Pass of their own.
+        techniques run once; standalone calls get a Pass of their own (random draws keyed by
+        `seed` and the inputs' `ids`, by position without them).
         """
         if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() < 4:
             raise ValueError(f"{self.name}: expected a float batch [N, C, H, W], got {tuple(getattr(x, 'shape', ()))}")
         if model.training:
             raise ValueError(f"{self.name}: model must be in eval mode")
         p = shared or Pass(model, x.detach(), layers if self.uses_layers else [], target,
-                           max_batch=max_batch, needs=self.needs)
+                           max_batch=max_batch, needs=self.needs, seed=seed, ids=ids)
         maps = self._attribute(p)
         return Result(p.logits, p.targets, maps)
 

@@ -7,7 +7,7 @@ from typing import List
 
 import torch
 
-from pipeline.featvis import objectives, row_generators, visualize
+from pipeline.featvis import base_seed, objectives, row_generators, visualize
 from pipeline.techniques.base import Technique, chunks, register
 from pipeline.techniques.filter_vis import make_transform
 from pipeline.targets import TargetSpec
@@ -72,7 +72,7 @@ class ClassVis(Technique):
         o = self.options
         size = o.size or (preprocess.input_size if preprocess is not None else 224)
         ids = torch.tensor(parse_classes(o.classes, class_names), device=device)
-        gens = row_generators(generator, len(ids))
+        gens = row_generators(base_seed(generator), [("class", int(c)) for c in ids.tolist()], device)
         transform = make_transform(o.jitter, o.scales, o.degrees)
         images, history = [], []
         for s in chunks(len(ids), max_batch):

@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from pipeline.featvis.optimize import row_generators, to_uint8
+from pipeline.featvis.optimize import to_uint8
 from pipeline.hooks import capture, forward
 from pipeline.techniques.base import Technique, chunks, register
 
@@ -84,7 +84,7 @@ class DeepDream(PixelSpace):
         maps = {}
         for layer in p.layers:
             dreams, objectives = [], []
-            rows = row_generators(p.generator, x.shape[0])  # each input's jitter from its own generator
+            rows = p.input_generators("deepdream", layer)  # each input's jitter keyed by its id
             for s in chunks(x.shape[0], p.max_batch):
                 ab = (a if a.shape[0] == 1 else a[s], b if b.shape[0] == 1 else b[s])
                 dream, objective = self.dream(p.model, layer, pixels[s], ab, rows[s])

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import torch
 
-from pipeline.featvis import PRESETS, objectives, row_generators, transforms, visualize
+from pipeline.featvis import PRESETS, base_seed, objectives, row_generators, transforms, visualize
 from pipeline.featvis.optimize import normalize
 from pipeline.hooks import capture
 from pipeline.techniques.base import Technique, chunks, register
@@ -103,9 +103,10 @@ class FilterVis(Technique):
         transform = make_transform(o.jitter, o.scales, o.degrees)
         pick = objectives.channel if o.objective == "channel" else objectives.neuron
         out = {}
+        seed = base_seed(generator)  # one for all layers: a channel's image depends on (layer, channel) only
         for layer in layers:
             ids = torch.tensor(parse_channels(o.channels, counts[layer]), device=device)
-            gens = row_generators(generator, len(ids))
+            gens = row_generators(seed, [(layer, int(c)) for c in ids.tolist()], device)
             images, history = [], []
             for s in chunks(len(ids), max_batch):
                 main = pick(layer, ids[s])

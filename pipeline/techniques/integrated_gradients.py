@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -11,6 +11,7 @@ from pipeline.maps import gaussian_blur
 from pipeline.techniques.base import INPUT, Technique, register
 
 BASELINES, METHODS = ("black", "blur", "noise"), ("riemann", "gauss_legendre")
+BASELINE_KEY = "integrated_gradients/baseline"  # the purpose the noise baseline is keyed by (Pass.input_generator)
 
 
 @register("integrated_gradients")
@@ -56,7 +57,7 @@ class IntegratedGradients(Technique):
         o = self.options
         x, targets = p.x, p.targets  # [N, C, *S], [N, K]
         (N, K), tail = targets.shape, (1,) * (x.dim() - 1)
-        base = baseline(x, o.baseline, o.sigma, o.mean, o.std, p.generator)  # [N, C, *S]
+        base = baseline(x, o.baseline, o.sigma, o.mean, o.std, p.input_generators(BASELINE_KEY))  # [N, C, *S]
         alphas, weights = nodes(o.method, o.steps, x)  # [M], [M]
         M = alphas.numel()
         # row r = ((k * M) + m) * N + n: input n on path point m, differentiated for target k
@@ -95,8 +96,9 @@ def nodes(method: str, steps: int, like: torch.Tensor) -> Tuple[torch.Tensor, to
 
 
 def baseline(x: torch.Tensor, kind: str, sigma: float, mean: Optional[List[float]],
-             std: Optional[List[float]], generator: torch.Generator) -> torch.Tensor:
-    """The baseline b [N, C, *S] for x [N, C, *S] (see Options for black and noise)."""
+             std: Optional[List[float]], generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """The baseline b [N, C, *S] for x [N, C, *S] (see Options for black and noise); input n's
+    noise comes from generators[n]."""
     if kind == "blur":
         return gaussian_blur(x, sigma)
     if mean is None:  # each input's per-channel range stands in for the pixel range [0, 1]
@@ -111,5 +113,5 @@ def baseline(x: torch.Tensor, kind: str, sigma: float, mean: Optional[List[float
         lo, hi = (0 - m) / s, (1 - m) / s
     if kind == "black":
         return lo.expand_as(x).clone()
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    u = torch.stack([torch.rand(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generators])
     return lo + u * (hi - lo)

@@ -16,7 +16,7 @@ from pipeline.techniques.deepdream import PixelSpace, check_mean_std, pixel_affi
 class Inversion(PixelSpace):
     """Per input and chosen layer, an image whose representation matches the input's.
 
-    Minimizes over pixels p in [0, 1], from uniform noise in [0.4, 0.6] (the Pass's generator):
+    Minimizes over pixels p in [0, 1], from uniform noise in [0.4, 0.6] (keyed per input: Pass.input_generator):
       ||Φ(x(p)) - Φ0||² / ||Φ0||²  +  tv_weight · mean (dx² + dy²)^(β/2)  +  alpha_weight · mean |2p - 1|^α
     with x(p) = (p - mean) / std the model input, Φ0 the layer's output on the input, the TV and
     α-norm terms over the image mapped to [-1, 1] (u = 2p - 1), Adam on p (β 0.9, 0.999, written
@@ -52,7 +52,8 @@ class Inversion(PixelSpace):
         o, x = self.options, p.x  # x [N, 3, H, W]
         require_images(self.name, x)
         a, b = pixel_affine(x, o.mean, o.std)  # model input = a * pixel + b
-        init = 0.4 + 0.2 * torch.rand(x.shape, generator=p.generator, device=x.device, dtype=x.dtype)
+        init = 0.4 + 0.2 * torch.stack([torch.rand(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
+                                        for g in p.input_generators("inversion/init")])  # keyed per input
         maps = {}
         for layer in p.layers:
             target = p.activations()[layer]  # Φ0 [N, ...]

@@ -12,8 +12,8 @@ from pipeline.techniques.base import INPUT, Technique, register
 class SmoothGrad(Technique):
     """The input gradient averaged over `samples` noisy copies of each input.
 
-    Noise is Gaussian with sigma = noise * (max - min of that input), drawn from the Pass's
-    generator; every copy of every input for every target goes through one batched call (at most
+    Noise is Gaussian with sigma = noise * (max - min of that input), drawn per input and sample
+    from a generator keyed by the run's seed and the input's id (Pass.input_generator); every copy of every input for every target goes through one batched call (at most
     max_batch rows per pass). Returns grad [N, K, C, (T,) H, W] and its max-abs over channels
     maxabs [N, K, (T,) H, W].
     """
@@ -36,18 +36,18 @@ class SmoothGrad(Technique):
         (N, K), S = targets.shape, self.options.samples
         tail = (1,) * (x.dim() - 1)
         sigma = self.options.noise * (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(N, *tail)  # [N, 1, ...]
-        # Noise of sample s comes from its own seed, so rows can be built max_batch at a time
-        # and the maps do not depend on max_batch.
-        seeds = torch.randint(0, 2**62, (S,), generator=p.generator, device=x.device).tolist()
 
-        def noise(s: int) -> torch.Tensor:  # [N, C, *S]
-            g = torch.Generator(device=x.device).manual_seed(seeds[s])
-            return torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        def noise(n: int, s: int) -> torch.Tensor:  # [C, *S]: input n's sample s, keyed by its id
+            g = p.input_generator(n, "smoothgrad", s)
+            return torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
 
-        # row r = (s * K + k) * N + n: input n with noise sample s, differentiated for target k
+        # row r = (s * K + k) * N + n: input n with noise sample s, differentiated for target k; the
+        # noise depends on (seed, input id, s) only, so neither max_batch nor the batch changes it
         def build(r):
             s_of, k_of, n_of = r // (K * N), (r // N) % K, r % N
-            eps = torch.cat([noise(s)[n_of[s_of == s]] for s in s_of.unique().tolist()])  # rows sorted by s
+            pairs = list(zip(n_of.tolist(), s_of.tolist()))  # (input, sample) of each row
+            drawn = {pair: noise(*pair) for pair in dict.fromkeys(pairs)}  # each drawn once per chunk
+            eps = torch.stack([drawn[pair] for pair in pairs])
             return x[n_of] + eps * sigma[n_of], targets[n_of, k_of]
 
         total = torch.zeros((N, K) + x.shape[1:], dtype=x.dtype, device=x.device)

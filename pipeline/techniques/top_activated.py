@@ -3,15 +3,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import cv2
 import numpy as np
 import torch
 
+from pipeline.io.render import write_png
 from pipeline.techniques.base import ACTS, Technique, register
 from pipeline.techniques.filter_vis import FilterVis
+
+
+def cache_root(cache_dir: Optional[str]) -> Path:
+    """The folder of cached filter images (see TopActivated)."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("PIPELINE_CACHE_DIR"):
+        return Path(os.environ["PIPELINE_CACHE_DIR"]).expanduser() / "filter_vis"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "pipeline" / "filter_vis"
 
 
 @register("top_activated")
@@ -20,10 +33,12 @@ class TopActivated(Technique):
     [N, top], and their filter_vis images [N, top, 3, S, S] uint8.
 
     Filter images live in `cache_dir/<key>/<channel>.png`, the key a hash of the model's weights,
-    the layer and the filter_vis settings, so a second input or a second run reuses them; the
-    channels missing from the cache are optimized together, max_batch rows at a time. A cached
-    image is the one made when the channel was first needed (its random start comes from that
-    batch's generator).
+    the layer, the filter_vis settings and the seed, so a second input or a second run reuses them; the
+    channels missing from the cache are optimized together, max_batch rows at a time. A channel's
+    random start is keyed by the run's seed, the layer and the channel (as in filter_vis), so its
+    image does not depend on which batch first needed it. Images are written atomically, so jobs
+    sharing a cache never read half a PNG. `cache_dir` null: `$PIPELINE_CACHE_DIR/filter_vis`, else
+    `$XDG_CACHE_HOME/pipeline/filter_vis`, else `~/.cache/pipeline/filter_vis`.
     """
 
     outputs = {"channels": "data", "mean": "data", "images": "tiles"}
@@ -33,7 +48,7 @@ class TopActivated(Technique):
     @dataclass
     class Options:
         top: int = 4
-        cache_dir: str = "~/.cache/pipeline/filter_vis"
+        cache_dir: Optional[str] = None  # null: $PIPELINE_CACHE_DIR/filter_vis or ~/.cache/pipeline/filter_vis
         size: int = 64  # filter_vis settings of the cached images
         steps: int = 64
         lr: float = 0.05
@@ -50,14 +65,14 @@ class TopActivated(Technique):
         super().check_layers(shapes)
         self.require_image_maps(shapes)
 
-    def _cache(self, model: torch.nn.Module, layer: str) -> Path:
+    def _cache(self, model: torch.nn.Module, layer: str, seed: int) -> Path:
         weights = hashlib.sha1()
         for name, tensor in model.state_dict().items():
             weights.update(name.encode())
             weights.update(tensor.detach().cpu().numpy().tobytes())
         settings = {k: v for k, v in asdict(self.options).items() if k not in ("top", "cache_dir")}
-        key = hashlib.sha1(json.dumps([weights.hexdigest(), layer, settings], sort_keys=True).encode()).hexdigest()
-        return Path(self.options.cache_dir).expanduser() / key[:20] / layer
+        key = hashlib.sha1(json.dumps([weights.hexdigest(), layer, settings, seed], sort_keys=True).encode()).hexdigest()
+        return cache_root(self.options.cache_dir) / key[:20] / layer
 
     def _attribute(self, p):
         o = self.options
@@ -66,15 +81,16 @@ class TopActivated(Technique):
         for layer, a in p.activations().items():
             mean = a.float().flatten(2).mean(2)  # [N, C]
             values, ids = mean.topk(min(o.top, mean.shape[1]), dim=1)  # [N, top]
-            cache = self._cache(p.model, layer)
+            cache = self._cache(p.model, layer, p.seed)
             missing = sorted({c for c in ids.flatten().tolist() if not (cache / f"{c}.png").exists()})
             if missing:
+                # seeded like the run's filter_vis: a channel's image depends on seed, layer, channel only
+                generator = torch.Generator(device=p.x.device).manual_seed(p.seed)
                 made = FilterVis(channels=",".join(map(str, missing)), **settings).generate(
-                    p.model, [layer], device=p.x.device, generator=p.generator, max_batch=p.max_batch,
+                    p.model, [layer], device=p.x.device, generator=generator, max_batch=p.max_batch,
                     preprocess=getattr(self, "preprocess", None))
-                cache.mkdir(parents=True, exist_ok=True)
                 for c, image in zip(made[layer, "index"].tolist(), made[layer, "images"].cpu().numpy()):
-                    cv2.imwrite(str(cache / f"{c}.png"), cv2.cvtColor(image.transpose(1, 2, 0), cv2.COLOR_RGB2BGR))
+                    write_png(cache / f"{c}.png", image.transpose(1, 2, 0))  # atomic: a concurrent job never reads half
             images = np.stack([[cv2.cvtColor(cv2.imread(str(cache / f"{c}.png")), cv2.COLOR_BGR2RGB).transpose(2, 0, 1)
                                 for c in row] for row in ids.tolist()])  # [N, top, 3, S, S]
             maps[layer, "channels"], maps[layer, "mean"] = ids, values
