@@ -7,6 +7,7 @@ Each technique's options are its own dataclass, stored as `schema/technique/<nam
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,62 @@ def register_configs() -> None:
         cs.store(group="schema/technique", name=name, node=technique.Options)
 
 
+TILE_RANGE = (32, 1024)  # render.tile: below 32 px a titled tile is unreadable
+MAX_CHANNELS = 64  # render.channels: one PNG row is channels + 1 tiles wide
+SEED_MAX = 2**32 - 1  # numpy's seed range (seed_everything calls np.random.seed)
+_INDEX = re.compile(r"^[+-]?\d+$")
+
+
+def colormap_names() -> List[str]:
+    """The colormaps OpenCV knows (cv2.COLORMAP_<NAME>), lower case."""
+    import cv2
+
+    return sorted(name[len("COLORMAP_"):].lower() for name in dir(cv2) if name.startswith("COLORMAP_"))
+
+
+def _check_ranges(cfg: Any) -> None:
+    """Value ranges of render.*, seed, target indices and model.num_classes: each would otherwise
+    fail (or write an absurd PNG) only after rows are written."""
+    r = cfg.render
+    if str(r.colormap).lower() not in colormap_names():
+        raise ConfigError(f"render.colormap={r.colormap!r} is not an OpenCV colormap; "
+                          f"known: {', '.join(colormap_names())}")
+    if not TILE_RANGE[0] <= r.tile <= TILE_RANGE[1]:
+        raise ConfigError(f"render.tile={r.tile}: a tile side must be {TILE_RANGE[0]}..{TILE_RANGE[1]} px "
+                          f"(a smaller tile is unreadable, a larger one makes huge PNG grids)")
+    if not 1 <= r.channels <= MAX_CHANNELS:
+        raise ConfigError(f"render.channels={r.channels}: expected 1..{MAX_CHANNELS} channels per layer "
+                          f"(each is one tile of a PNG row; the cap keeps the PNGs a sane size)")
+    if r.max_inputs is not None and r.max_inputs < 0:
+        raise ConfigError(f"render.max_inputs={r.max_inputs} must be 0 or more (or null: every input)")
+    if not 0.0 <= r.alpha <= 1.0:  # NaN fails too
+        raise ConfigError(f"render.alpha={r.alpha}: the overlay opacity must be in [0, 1]")
+    if r.frames < 1:
+        raise ConfigError(f"render.frames={r.frames} must be at least 1")
+    if r.gallery_columns < 1:
+        raise ConfigError(f"render.gallery_columns={r.gallery_columns} must be at least 1")
+    if not 0 <= cfg.seed <= SEED_MAX:
+        raise ConfigError(f"seed={cfg.seed}: expected 0..{SEED_MAX} (2**32 - 1, numpy's seed range)")
+    target = str(cfg.target).strip()
+    if _INDEX.match(target) and int(target) < 0:
+        raise ConfigError(f"target={target}: a class index is 0..N-1 (N: the model's classes); "
+                          "negative indices are not classes")
+    if cfg.model.num_classes is not None and cfg.model.num_classes < 1:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} must be at least 1 (or null)")
+    m = cfg.model
+    if any(not math.isfinite(v) for v in [*(m.mean or []), *(m.std or [])]):
+        raise ConfigError(f"model.mean={m.mean} / model.std={m.std}: values must be finite numbers")
+    if m.resize is not None and m.resize < 8:
+        raise ConfigError(f"model.resize={m.resize} must be at least 8 (or null)")
+    if str(cfg.device).startswith("cuda:"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else None
+        if count is not None and int(cfg.device[5:]) >= count:
+            raise ConfigError(f"device={cfg.device!r} but this machine has {count} CUDA device(s): "
+                              f"cuda:0..cuda:{count - 1}")
+
+
 def validate(cfg: Any) -> None:
     """Checks that need no model or data; raises ConfigError naming the bad key."""
     if cfg.model.kind not in MODEL_KINDS:
@@ -130,6 +187,7 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"num_workers={cfg.num_workers} must be 0 or more")
     if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", cfg.device):
         raise ConfigError(f"device={cfg.device!r}: expected auto, cpu, cuda or cuda:N")
+    _check_ranges(cfg)
     if cfg.data.limit is not None and cfg.data.limit < 1:
         raise ConfigError(f"data.limit={cfg.data.limit} must be at least 1 (or null)")
     if cfg.data.crop is not None:

@@ -501,11 +501,27 @@ def _data_limit(s: _Shard):
 
 
 # -- the API ----------------------------------------------------------------------------------------
+def _check_out(out) -> None:
+    """--out must name a file: not an existing directory, not a path ending in a separator, not
+    below an existing file. Checked before any shard is read (--force does not change it)."""
+    text = os.fspath(out)
+    seps = tuple({os.sep, os.altsep or os.sep, "/"})
+    if text.endswith(seps) or Path(text).is_dir():
+        raise MergeError(f"--out {text} is a directory; --out names the merged file to write, "
+                         f"e.g. --out {Path(text) / MAPS}")
+    parent = Path(text).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise MergeError(f"--out {text}: {parent} is a file, not a directory")
+
+
 def merge(dirs: Sequence[Path], out: Path, overwrite: bool = False,
           warn: Optional[Callable[[str], None]] = None) -> MergeReport:
     """Merge the maps.h5 of shard run dirs `dirs` into `out`; raises MergeError (nothing written)
     when a check fails. `warn` gets each warning as it is found (they are also in the report)."""
     dirs = [Path(d) for d in dirs]
+    _check_out(out)
     out = Path(out)
     if not dirs:
         raise MergeError("no run dirs given")
@@ -573,7 +589,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prog="python -m pipeline.merge",
         description="Merge the maps.h5 of a sharded run (data.shard=i/n, one run dir per shard) into one file.")
     parser.add_argument("dirs", nargs="+", type=Path, help="run dirs, one per shard, each with a maps.h5")
-    parser.add_argument("--out", required=True, type=Path, help="the merged file to write (e.g. merged.h5)")
+    parser.add_argument("--out", required=True, help="the merged file to write (e.g. merged.h5; not a directory)")
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     args = parser.parse_args(argv)
     try:

@@ -4,6 +4,10 @@ the config recorded in its maps.h5 into a new dir and compare the two files data
 Rows are matched by input id. For each dataset the largest absolute difference is printed (strings,
 ids and skipped reasons must be equal: a mismatch counts as infinite); the exit code is 1 when one
 exceeds --tol or a dataset is missing on one side, 0 when all agree, 2 when the run cannot be re-run.
+
+A run file can come from someone else: a recorded `model.arch=package.module:Class` (a checkpoint
+model) would import that module and call that class, so it is refused (exit code 2, naming the
+import) unless --trust-code is given.
 """
 from __future__ import annotations
 
@@ -92,11 +96,35 @@ def compare(a_path: Path, b_path: Path) -> List[Tuple[str, float, str]]:
     return out
 
 
-def reproduce(run_dir: Path, out_dir: Optional[Path] = None, device: Optional[str] = None):
-    """Re-run run_dir's recorded config into out_dir; returns (out_dir, comparison)."""
+def code_imports(cfg) -> List[str]:
+    """What re-running `cfg` would import and call as Python code: a checkpoint model's
+    `model.arch=package.module:Class` (pipeline.models._arch). Every other model kind only builds
+    names from the torchvision / timm registries, and technique and data keys name nothing
+    importable; a TorchScript checkpoint is TorchScript, not Python, and imports nothing."""
+    model = cfg.model
+    arch = model.arch
+    if model.kind == "checkpoint" and arch is not None and ":" in str(arch):
+        module_name, _, attr = str(arch).partition(":")
+        return [f"model.arch={arch!r}: import the Python module {module_name!r} and call its {attr!r}"]
+    return []
+
+
+def reproduce(run_dir: Path, out_dir: Optional[Path] = None, device: Optional[str] = None,
+              trust_code: bool = False):
+    """Re-run run_dir's recorded config into out_dir; returns (out_dir, comparison). A config that
+    imports Python code (`code_imports`) raises ConfigError, before any work, unless trust_code."""
     from pipeline.runner import run
 
     cfg = recorded_config(run_dir)
+    try:
+        imports = code_imports(cfg)
+    except Exception as err:  # noqa: BLE001 - e.g. an interpolation that does not resolve
+        raise ConfigError(f"{run_dir / 'maps.h5'}: the recorded config cannot be read ({err})") from None
+    if imports and not trust_code:
+        raise ConfigError(f"{run_dir / 'maps.h5'} records code to run: {'; '.join(imports)}. "
+                          "Re-run with --trust-code if you trust that code")
+    for line in imports:
+        print(f"--trust-code: {line}", file=sys.stderr)
     if device is not None:
         cfg.device = device
     out_dir = out_dir or run_dir.parent / f"{run_dir.name}.reproduce-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -113,11 +141,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="new run dir (default: <run_dir>.reproduce-<time>)")
     parser.add_argument("--tol", type=float, default=1e-5, help="largest absolute difference allowed")
     parser.add_argument("--device", default=None, help="run on this device instead of the recorded one")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="allow a recorded model.arch=package.module:Class to be imported and called")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     register_configs()
     try:
-        out_dir, rows = reproduce(args.run_dir, args.out, args.device)
+        out_dir, rows = reproduce(args.run_dir, args.out, args.device, trust_code=args.trust_code)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

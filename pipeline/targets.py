@@ -22,6 +22,12 @@ class TargetSpec:
             return cls("pred")
         if text.isdigit():
             return cls("index", int(text))
+        if text[:1] in "+-" and text[1:].isdigit():  # a signed index: never a class name
+            value = int(text)
+            if value < 0:
+                span = f"0..{len(class_names) - 1}" if class_names else "0..N-1 (N: the model's classes)"
+                raise ValueError(f"target={value}: a class index is {span}; negative indices are not classes")
+            return cls("index", value)
         if text.startswith("topk:"):
             if text[5:].isdigit() and int(text[5:]) >= 1:
                 return cls("topk", int(text[5:]))
@@ -44,7 +50,8 @@ class TargetSpec:
 
     def check(self, num_classes: int) -> None:
         if self.mode == "index" and not 0 <= self.value < num_classes:
-            raise ValueError(f"target={self.value} is outside the model's {num_classes} classes")
+            raise ValueError(f"target={self.value} is outside the model's {num_classes} classes "
+                             f"(indices 0..{num_classes - 1})")
         if self.mode == "topk" and self.value > num_classes:
             raise ValueError(f"target=topk:{self.value} exceeds the model's {num_classes} classes")
 

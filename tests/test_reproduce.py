@@ -10,15 +10,15 @@ def test_reproduce_agrees_then_flags_a_changed_dataset(make_cfg, image_folder, t
     original = tmp_path / "run"
     run(make_cfg(*tiny_overrides(tiny_checkpoint, image_folder, "technique=[gradcam,smoothgrad]", "layers=[conv2]",
                                  "technique.smoothgrad.samples=4", "seed=7")), original)
-    assert main([str(original), "--out", str(tmp_path / "again")]) == 0
+    assert main([str(original), "--out", str(tmp_path / "again"), "--trust-code"]) == 0
     out = capsys.readouterr().out
     assert "gradcam/conv2/cam" in out and "smoothgrad/input/grad" in out and "DIFFERS" not in out
     with h5py.File(original / "maps.h5", "a") as f:
         f["gradcam/conv2/cam"][2] += 0.5  # the original no longer matches what its config computes
-    assert main([str(original), "--out", str(tmp_path / "third")]) == 1
+    assert main([str(original), "--out", str(tmp_path / "third"), "--trust-code"]) == 1
     lines = [line for line in capsys.readouterr().out.splitlines() if "DIFFERS" in line]
     assert len(lines) == 1 and lines[0].startswith("gradcam/conv2/cam") and "0.5" in lines[0]
-    assert main([str(original), "--out", str(tmp_path / "third")]) == 2  # never over an existing run
+    assert main([str(original), "--out", str(tmp_path / "third"), "--trust-code"]) == 2  # never over an existing run
 
 
 def test_compare_matches_rows_by_id_and_reports_missing_datasets(make_cfg, image_folder, tiny_checkpoint, tmp_path):
