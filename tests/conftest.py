@@ -1,5 +1,7 @@
 import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import cv2
@@ -14,6 +16,11 @@ from pipeline.io.h5 import datasets
 from tests.tinymodels import tiny_net
 
 REPO = Path(__file__).resolve().parent.parent
+# No test reads or writes the user's home: caches (top_activated's filter images, torch hub, timm)
+# go under a fresh folder, for this process and every subprocess a test starts.
+TEST_HOME = Path(tempfile.mkdtemp(prefix="pipeline-tests-home-"))
+os.environ.update(HOME=str(TEST_HOME), XDG_CACHE_HOME=str(TEST_HOME / ".cache"))
+os.environ.pop("PIPELINE_CACHE_DIR", None)
 register_configs()
 torch.set_num_threads(2)
 
@@ -86,3 +93,85 @@ def subprocess_env():
 
 
 PYTHON = sys.executable
+
+
+def committed_rows(path) -> int:
+    """The committed-row count of a maps.h5 being written (0 while it cannot be read)."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return int(f.attrs.get("rows", 0))
+    except (OSError, KeyError, RuntimeError):
+        return 0
+
+
+class Gate:
+    """Rations the forward passes of a run of tests.tinymodels:GateNet (see there): `env()` for the
+    run's process, `until_rows(maps, n, proc)` grants forwards one at a time until n rows are
+    committed, after which the run waits at its next forward until `open()`. No sleeps decide
+    anything: the test waits on committed rows, however slow the machine is."""
+
+    HANG = 900  # seconds: only a run that stopped moving altogether fails on this
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.granted = 0
+        self._allow(0)
+
+    def env(self) -> dict:
+        env = subprocess_env()
+        env["PIPELINE_TEST_GATE"] = str(self.folder)
+        return env
+
+    def _allow(self, n: int) -> None:
+        tmp = self.folder / ".allowed"
+        tmp.write_text(str(n))
+        os.replace(tmp, self.folder / "allowed")
+
+    def used(self) -> int:
+        try:
+            return int((self.folder / "used").read_text() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def until_rows(self, maps_h5, n: int, proc) -> int:
+        start = time.monotonic()
+        while (rows := committed_rows(maps_h5)) < n:
+            assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before {n} rows were committed"
+            assert time.monotonic() - start < self.HANG, "the run stopped moving"
+            if self.used() >= self.granted:
+                self.granted += 1
+                self._allow(self.granted)
+            time.sleep(0.002)
+        return rows
+
+    def open(self) -> None:
+        self._allow(10**9)
+
+
+def descendants(pid: int) -> set:
+    """Pids of every live process below `pid` (Linux /proc)."""
+    children: dict = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

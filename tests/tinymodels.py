@@ -1,5 +1,7 @@
 """Tiny models built in code for exact checks (importable as "tests.tinymodels:Class")."""
+import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,12 +55,33 @@ class CountForwards(nn.Module):
         return self.net(x)
 
 
-class SlowNet(TinyNet):
-    """TinyNet that sleeps in every forward, so a test can kill a run part-way."""
+class GateNet(TinyNet):
+    """TinyNet whose forward passes are rationed by a test (tests.conftest.Gate), so a test can stop
+    a run part-way at a point it chooses, whatever the machine's speed: with the environment
+    variable PIPELINE_TEST_GATE naming a folder, the n-th forward waits until the file `allowed`
+    there holds a number >= n, then records n in `used`. Without the variable it is TinyNet."""
 
     def forward(self, x):
-        time.sleep(0.25)
+        folder = os.environ.get("PIPELINE_TEST_GATE")
+        if folder:
+            self.calls = getattr(self, "calls", 0) + 1
+            while _read_int(Path(folder) / "allowed") < self.calls:
+                time.sleep(0.005)
+            _write_int(Path(folder) / "used", self.calls)
         return super().forward(x)
+
+
+def _read_int(path: Path) -> int:
+    try:
+        return int(path.read_text() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _write_int(path: Path, value: int) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(str(value))
+    os.replace(tmp, path)
 
 
 def tiny_net(seed: int = 0, num_classes: int = 10) -> TinyNet:

@@ -20,7 +20,7 @@ from pipeline.io.space import DiskFull, is_disk_full, reserve
 STR = h5py.string_dtype()
 SKIP_FIELDS = ("id", "source", "frame", "reason")
 CHUNK_BYTES = 1 << 16  # small rows are grouped up to this size; a larger map is one chunk per row
-META_BYTES = 1 << 20  # room reserved for HDF5's own metadata on every write (object headers, B-trees, heaps)
+META_BYTES = 1 << 18  # room reserved for HDF5's own metadata on every write (object headers, B-trees, heaps)
 
 
 def decode_strings(values) -> List[str]:
