@@ -57,6 +57,8 @@ class DataConfig:
     )
     crop: Optional[List[int]] = None  # [x, y, w, h] in the source image's pixels
     limit: Optional[int] = None
+    max_pixels: Optional[int] = 100_000_000  # larger images (by their header) are skipped; null: no limit
+    reduced_decode: bool = True  # decode large JPEGs at 1/2, 1/4, 1/8 size when the model needs far fewer pixels
     shard: str = "auto"  # i/n: this job's block of the inputs | auto: from a Slurm job array | all
 
 
@@ -190,6 +192,8 @@ def validate(cfg: Any) -> None:
     _check_ranges(cfg)
     if cfg.data.limit is not None and cfg.data.limit < 1:
         raise ConfigError(f"data.limit={cfg.data.limit} must be at least 1 (or null)")
+    if cfg.data.max_pixels is not None and cfg.data.max_pixels < 1:
+        raise ConfigError(f"data.max_pixels={cfg.data.max_pixels} must be at least 1 (or null: no limit)")
     if cfg.data.crop is not None:
         crop = list(cfg.data.crop)
         if len(crop) != 4 or crop[0] < 0 or crop[1] < 0 or crop[2] < 1 or crop[3] < 1:

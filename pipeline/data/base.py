@@ -35,8 +35,12 @@ class Source:
     items: List[Item]
     skipped: List[Skip]  # items known bad before decoding (e.g. frames past the end of a video)
 
-    def read(self, item: Item) -> np.ndarray:
-        """Decode one item to an RGB uint8 array [H, W, 3]; raise BadItem with the reason."""
+    def read(self, item: Item, min_side: Optional[int] = None) -> np.ndarray:
+        """Decode one item to an RGB uint8 array [H, W, 3]; raise BadItem with the reason.
+
+        `min_side`: the shorter side the image will be resized to (the preprocess's `resize`),
+        or None; a source may then decode a large image at a reduced size that keeps its
+        shorter side at least 2 x min_side (no crop box may be applied to such an image)."""
         raise NotImplementedError
 
 

@@ -17,7 +17,9 @@ class VideoSource(Source):
     Clips mode (clip_len set): clips of clip_len frames frame_stride apart, starting at start,
     start+clip_stride, ... while the clip's last frame is < stop; each clip one input [T, H, W, 3].
     Frames or clips past the end of the video become one skipped record for the whole
-    out-of-range part."""
+    out-of-range part; a range with no input at all (data.start past the end, a clip longer
+    than the video or than the range) is a ConfigError. Building the list costs what the video
+    holds, whatever `stop` is."""
 
     def __init__(self, path: str, start: int = 0, stop: Optional[int] = None, step: int = 1, limit: Optional[int] = None,
                  clip_len: Optional[int] = None, frame_stride: int = 1, clip_stride: int = 16):
@@ -35,25 +37,51 @@ class VideoSource(Source):
             raise ConfigError(f"data.path={path!r}: the video reports no frames")
         self.path, self.count = str(file), count
         self.clip_len, self.frame_stride = clip_len, frame_stride
-        name, end = file.name, count if stop is None else stop
+        name = file.name
+        if isinstance(stop, float) and stop.is_integer():  # 1e8 through an untyped config
+            stop = int(stop)
+        end = count if stop is None else stop
         if clip_len is None:
-            starts, span, what = range(start, end, step), 0, "frames"
+            span, what = 0, "frames"
+            starts = range(start, end, step)
         else:
             span, what = (clip_len - 1) * frame_stride, "clips starting at frames"
             starts = range(start, max(start, end - span), clip_stride)
+        if not starts:
+            raise ConfigError(self._empty(name, start, stop))
         if limit:
             starts = starts[:limit]
-        self.items = [Item(self._id(name, f), self.path, f) for f in starts if f + span < count]
-        past = [f for f in starts if f + span >= count]
+        # Ranges and arithmetic only: the in-range part is a prefix of `starts`, found without
+        # listing the rest, so a huge data.stop costs no more than the frames the video has.
+        fits = len(range(starts.start, min(starts.stop, count - span), starts.step))
+        inside, past = starts[:fits], starts[fits:]
+        self.items = [Item(self._id(name, f), self.path, f) for f in inside]
         self.skipped = []
         if past:
+            n_past = (past.stop - past.start + past.step - 1) // past.step  # len() overflows past 2**63
             self.skipped.append(Skip(
                 self._id(name, past[0]), self.path, past[0],
-                f"{what} {past[0]}..{past[-1]} ({len(past)}) run past the end of the video ({count} frames)",
+                f"{what} {past[0]}..{past[-1]} ({n_past}) run past the end of the video ({count} frames)",
             ))
         # One capture per process, opened lazily: a forked DataLoader worker must not touch a
         # capture inherited from its parent (its decoder threads do not exist in the child).
         self._caps: Dict[int, list] = {}  # pid -> [capture, next frame it will decode]
+
+    def _empty(self, name: str, start: int, stop: Optional[int]) -> str:
+        """Why a frame range holds no input at all (a ConfigError, before any work)."""
+        count = self.count
+        if self.clip_len is None:
+            if stop is None:
+                return f"data.start={start} is past the end of {name} ({count} frames)"
+            return f"data.start={start} .. data.stop={stop} holds no frames"
+        frames = (self.clip_len - 1) * self.frame_stride + 1
+        clip = f"data.clip_len={self.clip_len} x data.frame_stride={self.frame_stride} spans {frames} frames"
+        if frames > count:
+            return f"{clip} but {name} has {count}"
+        if stop is None:
+            return (f"data.start={start} leaves no room for a clip in {name} ({count} frames): "
+                    f"{clip}, so the last clip starts at frame {count - frames}")
+        return f"data.start={start} .. data.stop={stop} is shorter than one clip ({clip})"
 
     def _id(self, name: str, first: int) -> str:
         if self.clip_len is None:
@@ -65,8 +93,9 @@ class VideoSource(Source):
         state["_caps"] = {}
         return state
 
-    def read(self, item: Item) -> np.ndarray:
-        """One frame [H, W, 3], or in clips mode the clip's frames [T, H, W, 3]."""
+    def read(self, item: Item, min_side: Optional[int] = None) -> np.ndarray:
+        """One frame [H, W, 3], or in clips mode the clip's frames [T, H, W, 3] (full size:
+        `min_side` is not used, video frames are decoded whole)."""
         if self.clip_len is None:
             return self._frame(item.frame)
         return np.stack([self._frame(item.frame + j * self.frame_stride) for j in range(self.clip_len)])
