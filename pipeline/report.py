@@ -205,6 +205,7 @@ def split_override(text: str) -> Tuple[str, str]:
 def read_run(run_dir: Path, name: str, anchor: str) -> Run:
     """Everything the page shows about one run; an unreadable maps.h5 is recorded in `error`."""
     run = Run(run_dir, name, anchor, overrides=read_overrides(run_dir))
+    pngs: Optional[List[Tuple[str, str]]] = None  # (id, PNG name) per row; None: a run file without them
     try:
         with h5py.File(run_dir / "maps.h5", "r", locking=False) as f:
             run.attrs = {key: _attr(f.attrs, key) for key in f.attrs}
@@ -217,6 +218,8 @@ def read_run(run_dir: Path, name: str, anchor: str) -> Run:
                            for c in ("id", "source", "frame", "reason")]
                 run.skipped = list(zip(*columns))
             run.stats = [dataset_stats(f[name], rows) for name in map_datasets(f)]
+            if "png" in f and "id" in f:  # each row's PNG name, as the writer recorded it
+                pngs = list(zip(decode_strings(f["id"][:rows]), decode_strings(f["png"][:rows])))
     except (OSError, KeyError, ValueError, RuntimeError) as err:  # unreadable or half-written
         run.error = f"cannot read {run_dir / 'maps.h5'}: {err}"
     if "config" not in run.attrs and (run_dir / ".hydra" / "config.yaml").is_file():
@@ -228,6 +231,10 @@ def read_run(run_dir: Path, name: str, anchor: str) -> Run:
             run.run_images.append(Image(path, rel, f"{rel} of run {name}"))
     if png.is_dir():
         for folder in sorted((d for d in png.iterdir() if d.is_dir()), key=lambda d: natural_key(d.name)):
+            if pngs is not None:  # in row order, one per drawn row: a PNG deleted since shows as missing
+                run.technique_images[folder.name] = [
+                    Image(folder / name, item, f"{folder.name} maps of {item}") for item, name in pngs if name]
+                continue
             files = sorted(folder.rglob("*.png"), key=lambda p: natural_key(p.relative_to(folder).as_posix()))
             run.technique_images[folder.name] = [
                 Image(p, p.relative_to(folder).as_posix().removesuffix(".png"),

@@ -246,7 +246,8 @@ def _run_into(p: Plan, out_dir: Path, command: Optional[str], on_start, maps_fil
     skipped = len(pre_skipped)
     done = 0
     start = time.perf_counter()
-    min_side = p.model.preprocess.resize if cfg.data.crop is None and cfg.data.get("reduced_decode", False) else None
+    # large JPEGs may be decoded at reduced size (data.reduced_decode); not with a crop box, which is in full-size pixels
+    min_side = p.model.preprocess.resize if cfg.data.crop is None and cfg.data.reduced_decode else None
     try:
         for s in pre_skipped:
             log.warning("skipped %s: %s", s.id, s.reason)

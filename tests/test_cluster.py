@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import h5py
 import pytest
@@ -13,8 +12,8 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.data import block, resolve_shard
-from tests.conftest import PYTHON, subprocess_env, tiny_overrides, write_images
-from tests.tinymodels import SlowNet
+from tests.conftest import PYTHON, Gate, subprocess_env, tiny_overrides, write_images
+from tests.tinymodels import GateNet
 
 
 def read_attrs(path):
@@ -93,24 +92,23 @@ def test_preempted_job_is_requeued_and_resumes_in_its_run_dir(tmp_path):
     folder = tmp_path / "images"
     write_images(folder, 30, size=(32, 32))
     torch.manual_seed(0)
-    torch.save(SlowNet().state_dict(), tmp_path / "slow.pt")
-    sweep = tmp_path / "sweep"
+    torch.save(GateNet().state_dict(), tmp_path / "gate.pt")
+    sweep, gate = tmp_path / "sweep", Gate(tmp_path / "gate")
     cmd = [PYTHON, "-m", "pipeline", "-m", "hydra/launcher=submitit_local", "model=checkpoint",
-           f"model.path={tmp_path / 'slow.pt'}", "model.arch=tests.tinymodels:SlowNet", "model.num_classes=10",
+           f"model.path={tmp_path / 'gate.pt'}", "model.arch=tests.tinymodels:GateNet", "model.num_classes=10",
            "model.input_size=32", "model.resize=32", "data=folder", f"data.path={folder}", "batch_size=2",
            "num_workers=0", "technique=gradcam", "layers=[conv2]", "render.max_inputs=2", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=gate.env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     maps = sweep / "0" / "maps.h5"
     try:
-        deadline = time.time() + 240
-        while read_attrs(maps)[0] < 6 and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.1)
+        gate.until_rows(maps, 6, proc)  # the job then waits at its next forward: it cannot end first
         rows, attempts = read_attrs(maps)
-        assert proc.poll() is None and rows < 30, "the job ended before it could be preempted"
+        assert rows < 30
         # what Slurm does before preempting or at the time limit: submitit's signal to the job's process
         os.kill(attempts[-1]["pid"], signal.SIGUSR2)
-        _, stderr = proc.communicate(timeout=300)
+        gate.open()  # the requeued job runs through
+        _, stderr = proc.communicate(timeout=Gate.HANG)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

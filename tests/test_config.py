@@ -1,6 +1,5 @@
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf.errors import ConfigKeyError, ValidationError
 
 from pipeline.config import ConfigError, validate
 

@@ -5,7 +5,6 @@ import pytest
 from pipeline.config import ConfigError
 from pipeline.data import (SAMPLES_DIR, BadItem, FolderSource, SamplesSource, VideoSource, make_loader, prepare)
 from pipeline.models import Preprocess
-from tests.conftest import write_images
 
 PRE = Preprocess(32, 36, "area", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import time
 import traceback
-from pathlib import Path
 
 import cv2
 import h5py
@@ -39,7 +38,7 @@ def ids(data):
     return [s.decode() for s in data["id"]]
 
 
-def gated(tmp_path, n=40, *extra):
+def gated(tmp_path, n=40, *extra, max_inputs=100):
     """A folder of n images and the overrides of a GateNet run on it with two decoder workers."""
     folder = tmp_path / "images"
     write_images(folder, n, size=(32, 32))
@@ -48,7 +47,7 @@ def gated(tmp_path, n=40, *extra):
     return folder, ["model=checkpoint", f"model.path={tmp_path / 'gate.pt'}", "model.arch=tests.tinymodels:GateNet",
                     "model.num_classes=10", "model.input_size=32", "model.resize=32", "data=folder",
                     f"data.path={folder}", "batch_size=2", "num_workers=2", LAYERS, TECHNIQUES,
-                    "render.max_inputs=100", *extra]
+                    f"render.max_inputs={max_inputs}", *extra]
 
 
 def start(overrides, run_dir, env, log):
@@ -184,7 +183,7 @@ def small_disk(tmp_path):
     injected-ENOSPC tests below stand in for it."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)], capture_output=True)
     if result.returncode != 0:
         yield None
         return
@@ -194,14 +193,14 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
-@pytest.mark.parametrize("free_kb", [900, 2500])
+@pytest.mark.parametrize("free_kb", [5000, 6500])  # full while reserving maps.h5's room / writing a PNG
 def test_full_disk_stops_with_one_error_and_resume_completes(small_disk, tmp_path, free_kb):
     """A real full filesystem (tmpfs): the run stops with one `error:` line naming maps.h5 or a
     PNG and the free space, the committed rows read back, and after space is freed a resume
     completes with every input once and every PNG whole."""
     if small_disk is None:
         pytest.skip("cannot mount a tmpfs here; the injected-ENOSPC tests cover this path")
-    folder, overrides = gated(tmp_path, 40, "num_workers=0")
+    folder, overrides = gated(tmp_path, 40, "num_workers=0", max_inputs=6)
     filler = small_disk / "filler"
     with open(filler, "wb") as f:
         f.write(b"\0" * (space.free_bytes(small_disk) - free_kb * 1024))
@@ -212,13 +211,13 @@ def test_full_disk_stops_with_one_error_and_resume_completes(small_disk, tmp_pat
     assert len(errors) == 1 and "no space left on device writing" in errors[0] and " free on " in errors[0]
     assert "Traceback" not in result.stderr
     data, attrs = read_h5(run_dir / "maps.h5")  # every dataset reads back
-    assert len(data["id"]) == attrs["rows"] < 40
+    assert 0 < len(data["id"]) == attrs["rows"] < 40
     assert json.loads(attrs["attempts"])[-1]["interrupted"] == "DiskFull"
     assert_pngs(run_dir)
     filler.unlink()
     result = app(overrides, run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(assert_pngs(run_dir)) == 40
+    assert len([n for n in assert_pngs(run_dir) if n]) == 6
     assert_complete(run_dir, folder)
 
 
@@ -288,7 +287,8 @@ def test_ids_that_clean_alike_get_their_own_pngs(make_cfg, tiny_checkpoint, tmp_
     for technique in ("activations", "saliency", "gradcam"):
         assert sorted(p.name for p in (out / "png" / technique).iterdir()) == sorted(recorded)
     report = read_run(out, "run", "run")  # the report takes each row's PNG from maps.h5
-    assert sorted(image.label for image in report.technique_images["gradcam"]) == sorted(ids(data))
+    images = report.technique_images["gradcam"]
+    assert [i.caption for i in images] == ids(data) and [i.path.name for i in images] == recorded
 
 
 def test_kills_between_rows_and_pngs_lose_no_png(tmp_path):

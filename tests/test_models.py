@@ -1,12 +1,11 @@
 import cv2
 import pytest
 import torch
-from torch import nn
 
 from pipeline.config import ConfigError
 from pipeline.data import SAMPLES_DIR, prepare
 from pipeline.models import build_model, last_conv_block, probe_shapes, resolve_layers
-from tests.tinymodels import TinyNet, tiny_net
+from tests.tinymodels import tiny_net
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967

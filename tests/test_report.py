@@ -252,7 +252,7 @@ class Browser:
              "--window-size=1280,1024", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         self.events, self._id = [], 0
-        port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 30
+        port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 120
         while True:
             lines = port_file.read_text().split() if port_file.exists() else []
             if len(lines) >= 2:
@@ -296,7 +296,7 @@ class Browser:
         """Load a file and return what a reader would see: console errors, images, status, screenshot."""
         self.events.clear()
         self.send("Page.navigate", url=path.resolve().as_uri())
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while not any(e.get("method") == "Page.loadEventFired" for e in self.events):
             assert time.monotonic() < deadline, "no load event"
             self._receive()

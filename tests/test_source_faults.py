@@ -223,7 +223,7 @@ def test_range_with_no_input_is_an_error_before_work(clip60, tmp_path, make_cfg,
     cfg = make_cfg(*overrides, "technique=gradcam", "data=video", f"data.path={clip60}", "data.start=100")
     with pytest.raises(ConfigError, match="data.start=100 is past the end of clip.mp4"):
         run(cfg, tmp_path / "run")
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run" / "maps.h5").exists()
 
 
 # --- 11a: symlinked folders, loops, dangling links ------------------------------------------

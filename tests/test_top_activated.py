@@ -1,6 +1,5 @@
 """top_activated: the most activated channels beside their filter_vis images, cached on disk."""
 import h5py
-import numpy as np
 import pytest
 import torch
 

@@ -21,6 +21,7 @@ traceback (`DecodeError`).
 from __future__ import annotations
 
 import collections
+import copy
 import multiprocessing as mp
 import os
 import queue
@@ -30,12 +31,15 @@ import threading
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import Deque, Dict, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Deque, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
 from pipeline.data.base import BadItem, Item, Skip, Source, prepare_array
 from pipeline.preprocess import Preprocess
+
+if TYPE_CHECKING:  # torch is imported lazily: decoder workers need none of it
+    import torch
 
 MAX_DEATHS_IN_A_ROW = 8  # workers killed on this many consecutive items: something else is wrong
 _WORKER_MODULES = ["pipeline.data.loader", "pipeline.data.images", "pipeline.data.video"]
@@ -44,7 +48,7 @@ _WORKER_MODULES = ["pipeline.data.loader", "pipeline.data.images", "pipeline.dat
 @dataclass
 class Batch:
     items: List[Item]  # the decoded inputs, in order
-    x: Optional["torch.Tensor"]  # noqa: F821 - [N, 3, S, S] model input (None when every item failed)
+    x: Optional["torch.Tensor"]  # [N, 3, S, S] model input (None when every item failed)
     display: Optional[np.ndarray]  # [N, S, S, 3] uint8, the crop the model saw
     skipped: List[Skip]  # items of this batch that could not be used
 
@@ -53,13 +57,9 @@ class DecodeError(RuntimeError):
     """An unexpected exception while decoding an input (a bug, not a bad input)."""
 
 
-def _read(source: Source, item: Item, min_side: Optional[int]) -> np.ndarray:
-    return source.read(item) if min_side is None else source.read(item, min_side)
-
-
 def decode(source: Source, item: Item, crop, pre: Preprocess, min_side: Optional[int] = None):
     """One item -> (x float32 [3, S, S] or [3, T, S, S], display uint8); raises BadItem."""
-    return prepare_array(_read(source, item, min_side), crop, pre)
+    return prepare_array(source.read(item, min_side), crop, pre)
 
 
 def _make_batch(items: List[Item], decoded: List[tuple], skipped: List[Skip]) -> Batch:
@@ -189,11 +189,19 @@ def _worker_main(conn, source: Source, crop, pre: Preprocess, min_side: Optional
             return
 
 
+def _lean(source: Source) -> Source:
+    """A copy of `source` without its item lists, which a worker does not need (items come with
+    each task): a million-image folder is not pickled to every worker."""
+    lean = copy.copy(source)
+    lean.items, lean.skipped = [], []
+    return lean
+
+
 class _Worker:
     def __init__(self, ctx, loader: Loader):
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_worker_main, name="pipeline-decoder", daemon=True,
-                                args=(child, loader.source, loader.crop, loader.pre, loader.min_side))
+                                args=(child, _lean(loader.source), loader.crop, loader.pre, loader.min_side))
         self.proc.start()
         child.close()
         self.held: Deque[int] = collections.deque()  # indices sent, oldest first (the one being decoded)

@@ -42,13 +42,13 @@ def _chunks(row_shape: Sequence[int], itemsize: int) -> tuple:
 
 def append_bytes(columns: Dict[str, np.ndarray]) -> int:
     """An upper bound on the bytes one appended batch may add to the file: twice the raw data (lzf
-    can grow incompressible data a little, and HDF5 rewrites a partly filled chunk elsewhere), a
-    chunk per dataset, and room for metadata."""
+    can grow incompressible data a little), one chunk per dataset (HDF5 rewrites a partly filled
+    chunk elsewhere) and room for metadata."""
     total = META_BYTES
     for data in columns.values():
         data = np.asarray(data)
         raw = sum(len(str(v)) + 64 for v in data.ravel()) if data.dtype.kind in "OUS" else data.nbytes
-        total += 2 * raw + 2 * CHUNK_BYTES
+        total += 2 * raw + CHUNK_BYTES
     return total
 
 
