@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import CONF_DIR, ConfigError, register_configs
 from pipeline.data import resolve_shard
-from pipeline.io.space import RunError, write_atomic
+from pipeline.errors import RunError
+from pipeline.io.space import write_atomic
 from pipeline.runner import Terminated, run
 
 log = logging.getLogger("pipeline")

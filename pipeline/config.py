@@ -16,11 +16,9 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING
 
+from pipeline.errors import ConfigError  # noqa: F401 - re-exported: pipeline.config.ConfigError
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; raised before any work, with a message naming the problem."""
 
 
 @dataclass

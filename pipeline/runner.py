@@ -21,13 +21,14 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError, validate
 from pipeline.data import Source, build_source, resolve_shard
-from pipeline.data.loader import Loader, warm_up
+from pipeline.data.loader import Loader
 from pipeline.evaluation import SanityCheck, deletion_insertion, heatmaps
 from pipeline.io.h5 import MapsFile
 from pipeline.io.plots import write_plots
 from pipeline.io.render import render_gallery, render_summary
 from pipeline.io.lock import RunDirLock
-from pipeline.io.space import RunError, remove_stale_temporaries
+from pipeline.errors import RunError
+from pipeline.io.space import remove_stale_temporaries
 from pipeline.io.writer import AsyncWriter, BatchRecord
 from pipeline.models import LoadedModel, build_model, last_conv_block, probe_shapes, resolve_layers
 from pipeline.provenance import attempt, command_line, provenance
@@ -199,8 +200,6 @@ def run(cfg, out_dir: str | Path, command: Optional[str] = None,
     """
     out_dir = Path(out_dir)
     with RunDirLock(out_dir, command or command_line()), sigterm_as_interrupt():
-        if _as_config(cfg).num_workers > 0:
-            warm_up()  # the decoders' fork server starts while the model loads
         p = plan(cfg)
         return _run(p, out_dir, command, on_start)
 
@@ -229,32 +228,46 @@ def _run_into(p: Plan, out_dir: Path, command: Optional[str], on_start, maps_fil
     maps_file.set_attr("attempts", json.dumps(attempts))
     if p.model.class_names:
         maps_file.write_once("classes", np.array(p.model.class_names, dtype=object))
-    _write_field_table(p, maps_file)
-    _generate(p, maps_file, out_dir)
     per_input = {name: t for name, t in p.techniques.items() if t.uses_data}
     done_ids = maps_file.done_ids()
     todo = [it for it in p.source.items if it.id not in done_ids] if per_input else []
     pre_skipped = [s for s in p.source.skipped if s.id not in done_ids] if per_input else []
-    if done_ids:
-        log.info("resuming %s: %d inputs already done, %d to go", out_dir, len(done_ids), len(todo))
-    log.info("model %s on %s; layers %s; techniques %s; %d inputs", p.model.description, p.device,
-             p.layers, list(p.techniques), len(todo))
+    # large JPEGs may be decoded at reduced size (data.reduced_decode); not with a crop box, which is in full-size pixels
+    min_side = p.model.preprocess.resize if cfg.data.crop is None and cfg.data.reduced_decode else None
+    loader = Loader(p.source, todo, cfg.data.crop, p.model.preprocess, cfg.batch_size, cfg.num_workers, min_side)
+    try:
+        _write_field_table(p, maps_file)
+        _generate(p, maps_file, out_dir)
+        if done_ids:
+            log.info("resuming %s: %d inputs already done, %d to go", out_dir, len(done_ids), len(todo))
+        log.info("model %s on %s; layers %s; techniques %s; %d inputs", p.model.description, p.device,
+                 p.layers, list(p.techniques), len(todo))
+        with loader:  # the decoder processes start here: their start-up counts in images/s
+            return _compute_all(p, out_dir, maps_file, attempts, this_attempt, loader, per_input, pre_skipped)
+    except BaseException as err:  # stopped before the per-input loop (e.g. Ctrl-C while generating)
+        if "interrupted" not in this_attempt:
+            this_attempt.update(done=0, skipped=0, rows=maps_file.rows, interrupted=interruption(err),
+                                error=str(err).splitlines()[0][:300] if str(err) else None)
+            _record_attempt(maps_file, attempts, this_attempt)
+        raise
 
+
+def _compute_all(p: Plan, out_dir: Path, maps_file: MapsFile, attempts: List[dict], this_attempt: dict,
+                 loader: Loader, per_input: Dict[str, Technique], pre_skipped: list) -> Summary:
+    """The per-input loop: batches from the loader through every technique into the writer."""
+    cfg = p.cfg
     kinds = {name: dict(t.outputs) for name, t in per_input.items()}
     writer = AsyncWriter(maps_file, out_dir, cfg.render, kinds, p.model.class_name,
                          draw={name: t.draw() for name, t in per_input.items()})
     skipped = len(pre_skipped)
     done = 0
     start = time.perf_counter()
-    # large JPEGs may be decoded at reduced size (data.reduced_decode); not with a crop box, which is in full-size pixels
-    min_side = p.model.preprocess.resize if cfg.data.crop is None and cfg.data.reduced_decode else None
     try:
         for s in pre_skipped:
             log.warning("skipped %s: %s", s.id, s.reason)
         if pre_skipped:
             writer.put(pre_skipped)
-        with Loader(p.source, todo, cfg.data.crop, p.model.preprocess, cfg.batch_size, cfg.num_workers,
-                    min_side) as loader, tqdm(total=len(todo), unit="img", desc="pipeline", mininterval=1.0) as bar:
+        with tqdm(total=len(loader.items), unit="img", desc="pipeline", mininterval=1.0) as bar:
             for batch in loader:
                 for s in batch.skipped:
                     log.warning("skipped %s: %s", s.id, s.reason)

@@ -1,7 +1,7 @@
 """Data sources that fail the way real inputs do, importable by decoder worker processes."""
-import multiprocessing
 import os
 import signal
+import sys
 from pathlib import Path
 
 from pipeline.data import FolderSource
@@ -13,7 +13,7 @@ class PoisonSource(FolderSource):
 
     def read(self, item, *args, **kwargs):
         if Path(item.id).name.startswith("poison"):
-            if multiprocessing.parent_process() is None:
+            if sys.argv[:1] != ["-c"]:  # a decoder worker is `python -c ...`; never kill the test process
                 raise RuntimeError("PoisonSource kills its process: use it with num_workers > 0")
             os.kill(os.getpid(), signal.SIGKILL)
         return super().read(item, *args, **kwargs)

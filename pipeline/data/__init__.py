@@ -1,5 +1,5 @@
 """Data sources (samples, folder, video) and the DataLoader that decodes them in workers."""
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.data.base import BadItem, Item, Skip, Source, prepare
 from pipeline.data.images import MAX_PIXELS, SAMPLES_DIR, FolderSource, SamplesSource
 from pipeline.data.loader import Batch, make_loader

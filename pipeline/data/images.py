@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.data.base import BadItem, Item, Skip, Source
 
 log = logging.getLogger("pipeline")

@@ -1,18 +1,18 @@
 """Decoding inputs into batches, in worker processes that never outlive the run.
 
-With `num_workers > 0`, items are decoded and preprocessed in worker processes started from a
-fork server (multiprocessing's "forkserver"), never forked from the main process, so a worker holds
-none of the main process's open files (maps.h5 and its HDF5 lock, the run-dir lock) and none of
-its threads. A worker
+With `num_workers > 0`, items are decoded and preprocessed in worker processes that are fresh
+interpreters (`python -c`), never forks of the main process: a worker holds none of the main
+process's open files (maps.h5 and its HDF5 lock, the run-dir lock) or threads, and never imports
+the caller's `__main__`. A worker
 
-* dies with the run: the kernel kills it when its parent (the fork server, which itself exits when
-  the main process is gone) dies (Linux PR_SET_PDEATHSIG), and it exits at end-of-file on its task
-  pipe, which the main process held alone;
-* ignores SIGINT and SIGTERM: the main process decides when to stop and then closes the pipes;
-* decodes one item at a time from its own pipe, so the loader knows which item each worker holds.
-  A worker killed mid-item (the OOM killer on a huge image) costs that item only: it becomes a
-  skipped record ("decoder died ..."), a new worker takes over the items queued behind it, and
-  the run goes on. Workers dying on `MAX_DEATHS_IN_A_ROW` items in a row stop the run.
+* dies with the run: the kernel SIGKILLs it when the main process dies, however it dies (Linux
+  PR_SET_PDEATHSIG), and it exits at end-of-file on its socket, whose other end only the main
+  process holds;
+* ignores SIGINT and SIGTERM: the main process decides when to stop, then closes the sockets;
+* decodes one item at a time from its own socket, so the loader knows which item each worker
+  holds. A worker killed mid-item (the OOM killer on a huge image) costs that item only: it
+  becomes a skipped record ("decoder died ..."), a new worker takes over the items queued behind
+  it, and the run goes on. Workers dying on `MAX_DEATHS_IN_A_ROW` items in a row stop the run.
 
 Only `BadItem` (an input that cannot be read or decoded, a crop that does not fit) becomes a
 skipped record. Any other exception while decoding is a bug: it stops the run with the worker's
@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import collections
 import copy
-import multiprocessing as mp
 import os
 import queue
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import traceback
 from dataclasses import dataclass
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Deque, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
@@ -42,7 +43,6 @@ if TYPE_CHECKING:  # torch is imported lazily: decoder workers need none of it
     import torch
 
 MAX_DEATHS_IN_A_ROW = 8  # workers killed on this many consecutive items: something else is wrong
-_WORKER_MODULES = ["pipeline.data.loader", "pipeline.data.images", "pipeline.data.video"]
 
 
 @dataclass
@@ -86,13 +86,22 @@ class Loader:
     def __len__(self) -> int:
         return -(-len(self.items) // self.batch_size)
 
+    def start(self) -> "Loader":
+        """Start the workers now (they begin decoding ahead while the caller gets ready); the
+        first iteration takes their batches. Without workers a no-op."""
+        if self.num_workers > 0 and self._pool is None:
+            self._pool = _Pool(self)
+        return self
+
     def __iter__(self) -> Iterator[Batch]:
         if self.num_workers <= 0:
             yield from self._in_process()
             return
-        self.close()
-        self._pool = _Pool(self)
-        yield from self._pool.batches()
+        pool, self._pool = self.start()._pool, None  # one iteration per pool
+        try:
+            yield from pool.batches()
+        finally:
+            pool.close()
 
     def _in_process(self) -> Iterator[Batch]:
         for start in range(0, len(self.items), self.batch_size):
@@ -111,7 +120,7 @@ class Loader:
             self._pool = None
 
     def __enter__(self) -> "Loader":
-        return self
+        return self.start()
 
     def __exit__(self, *exc) -> None:
         self.close()
@@ -123,57 +132,38 @@ def make_loader(source: Source, items: Sequence[Item], crop, pre: Preprocess, ba
 
 
 # -- worker processes ------------------------------------------------------------------------------
-def context() -> mp.context.BaseContext:
-    """The start method for decoder workers: forkserver where the platform has it, else spawn."""
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.get_context(method)
-    if method == "forkserver":
-        ctx.set_forkserver_preload(_WORKER_MODULES)
-    return ctx
+def _die_with_parent(parent: int) -> bool:
+    """Linux: have the kernel SIGKILL this process when its parent dies; False if it already has."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    return os.getppid() == parent
 
 
-def warm_up() -> None:
-    """Start the fork server now (it imports the decoding modules once), so that the first
-    workers start fast; a no-op where there is none."""
-    ctx = context()
-    if ctx.get_start_method() == "forkserver":
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
-
-
-def _die_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this process when its parent dies."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-
-
-def _worker_main(conn, source: Source, crop, pre: Preprocess, min_side: Optional[int]) -> None:
-    """Decode the items sent on `conn`, one at a time, until end-of-file or None."""
-    _die_with_parent()
-    if os.getppid() == 1:  # the parent died before the line above took effect
+def worker_main(fd: int, parent: int) -> None:
+    """A decoder worker (`python -c ...` started by _Worker): the first message on the socket `fd`
+    is (source, crop, preprocess, min_side); then it decodes the (index, item) tasks sent on it,
+    one at a time, until end-of-file."""
+    if not _die_with_parent(parent):
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        import cv2
+    import cv2
 
-        cv2.setNumThreads(1)  # workers are the parallelism; safe here (not forked from a user of OpenCV's pool)
-    except ImportError:
-        pass
+    cv2.setNumThreads(1)  # the workers are the parallelism
+    conn = Connection(fd)
+    try:
+        source, crop, pre, min_side = conn.recv()
+    except (EOFError, OSError):
+        return
     while True:
         try:
             task = conn.recv()
         except (EOFError, OSError):
-            return
-        if task is None:
             return
         index, item = task
         try:
@@ -198,13 +188,25 @@ def _lean(source: Source) -> Source:
 
 
 class _Worker:
-    def __init__(self, ctx, loader: Loader):
-        self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, name="pipeline-decoder", daemon=True,
-                                args=(child, _lean(loader.source), loader.crop, loader.pre, loader.min_side))
-        self.proc.start()
-        child.close()
+    """One decoder process: a fresh interpreter (`python -c`), not a fork, talking over a socket
+    pair whose other end only this process holds. It imports only the decoding modules (never the
+    caller's __main__, so a script without an `if __name__ == "__main__"` guard is safe) and
+    inherits no open file but its socket."""
+
+    def __init__(self, loader: Loader):
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # what we import, it finds
+        code = f"from pipeline.data.loader import worker_main; worker_main({theirs.fileno()}, {os.getpid()})"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[theirs.fileno()], env=env,
+                                     stdin=subprocess.DEVNULL, close_fds=True)
+        theirs.close()
+        self.conn = Connection(ours.detach())
         self.held: Deque[int] = collections.deque()  # indices sent, oldest first (the one being decoded)
+        self.conn.send((_lean(loader.source), loader.crop, loader.pre, loader.min_side))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
 
 _END = object()
@@ -215,7 +217,7 @@ class _Pool:
     replaces dead ones and hands complete batches to the consumer through a queue."""
 
     def __init__(self, loader: Loader):
-        self.loader, self.ctx = loader, context()
+        self.loader = loader
         n = len(loader.items)
         self.capacity = (loader.prefetch + 1) * loader.batch_size  # items sent or decoded but not yet consumed
         self.depth = max(2, -(-loader.batch_size // loader.num_workers))  # items queued per worker
@@ -227,7 +229,7 @@ class _Pool:
         self.stopping = False
         self.out: "queue.Queue[object]" = queue.Queue()
         self.wake_r, self.wake_w = os.pipe()
-        self.workers: List[_Worker] = [_Worker(self.ctx, loader) for _ in range(max(1, min(loader.num_workers, n)))] if n else []
+        self.workers: List[_Worker] = [_Worker(loader) for _ in range(min(loader.num_workers, n))]
         self.thread = threading.Thread(target=self._collect, name="pipeline-loader", daemon=True)
         self.thread.start()
 
@@ -248,21 +250,16 @@ class _Pool:
         self._wake()
         self.thread.join(timeout=10)
         for w in self.workers:
-            try:
-                w.conn.close()  # end-of-file: the worker exits
-            except OSError:
-                pass
+            w.conn.close()  # end-of-file: the worker exits
         for w in self.workers:
-            w.proc.join(timeout=2)
-            if w.proc.is_alive():
+            try:
+                w.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
                 w.proc.kill()
-                w.proc.join(timeout=2)
+                w.proc.wait()
         self.workers = []
         for fd in (self.wake_r, self.wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            os.close(fd)
 
     def _wake(self) -> None:
         try:
@@ -274,21 +271,16 @@ class _Pool:
     def _collect(self) -> None:
         try:
             n = len(self.loader.items)
-            while not self.stopping and self.emitted < n:
+            while not self.stopping:
                 self._feed()
                 self._emit()
                 if self.emitted >= n:
                     break
-                ready = wait([w.conn for w in self.workers] + [w.proc.sentinel for w in self.workers] + [self.wake_r],
-                             timeout=5.0)
-                for obj in ready:
-                    if obj == self.wake_r:
-                        os.read(self.wake_r, 4096)
-                for w in list(self.workers):
-                    if w.conn in ready:
-                        self._receive(w)
-                for w in list(self.workers):
-                    if w.proc.sentinel in ready or not w.proc.is_alive():
+                ready = wait([w.conn for w in self.workers] + [self.wake_r], timeout=5.0)
+                if self.wake_r in ready:
+                    os.read(self.wake_r, 4096)
+                for w in [w for w in self.workers if w.conn in ready]:
+                    if not self._receive(w):
                         self._replace(w)
             self.out.put(_END)
         except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
@@ -305,7 +297,7 @@ class _Pool:
             index = self.pending.popleft()
             try:
                 w.conn.send((index, self.loader.items[index]))
-            except (OSError, EOFError):  # it died: _replace gives the item to another worker
+            except OSError:  # it died: its end-of-file comes next, and _replace requeues the item
                 self.pending.appendleft(index)
                 return
             w.held.append(index)
@@ -318,8 +310,7 @@ class _Pool:
                 return
             good, decoded, skipped = [], [], []
             for i in range(self.emitted, end):
-                result = self.done.pop(i)
-                item = items[i]
+                result, item = self.done.pop(i), items[i]
                 if result[0] == "ok":
                     good.append(item)
                     decoded.append(result[1:])
@@ -328,14 +319,13 @@ class _Pool:
             self.emitted = end
             self.out.put(_make_batch(good, decoded, skipped))
 
-    def _receive(self, w: _Worker) -> None:
-        while True:
+    def _receive(self, w: _Worker) -> bool:
+        """Read the replies waiting on w's socket; False at end-of-file (the worker is gone)."""
+        while w.conn.poll():
             try:
-                if not w.conn.poll():
-                    return
                 index, x, display, reason, error = w.conn.recv()
             except (EOFError, OSError):
-                return  # it died mid-reply: _replace handles it
+                return False
             held = w.held.popleft()
             assert held == index, f"decoder reply for item {index}, expected {held}"
             item = self.loader.items[index]
@@ -344,20 +334,19 @@ class _Pool:
                                   f"(not a bad input, so the run stops):\n{error}")
             self.deaths_in_a_row = 0
             self.done[index] = ("ok", x, display) if reason is None else ("skip", reason)
+        return True
 
     def _replace(self, w: _Worker) -> None:
-        self._receive(w)  # replies it sent before dying
-        w.proc.join(timeout=5)
-        code = w.proc.exitcode
-        if self.stopping:
-            return
-        if code is None:
-            return  # still alive after all
+        """A worker is gone: the item it was decoding becomes a skipped record ("decoder died"),
+        the items queued behind it go to the others, and a new worker takes its place."""
+        code = w.proc.wait()
         self.workers.remove(w)
         w.conn.close()
+        if self.stopping:
+            return
         if code >= 0:
-            raise DecodeError(f"a decoder worker exited with code {code} (pid {w.proc.pid}) while decoding; "
-                              "this is a bug, not a bad input")
+            raise DecodeError(f"a decoder worker (pid {w.pid}) exited with code {code} while decoding; "
+                              "this is a bug, not a bad input (its error is printed above)")
         if w.held:
             index = w.held.popleft()
             item = self.loader.items[index]
@@ -372,4 +361,4 @@ class _Pool:
                 raise DecodeError(f"decoder workers died on {self.deaths_in_a_row} inputs in a row "
                                   f"(last {item.id}: killed by {name}); stopping")
         self.pending.extendleft(reversed(w.held))  # queued behind the dead item: decode them elsewhere
-        self.workers.append(_Worker(self.ctx, self.loader))
+        self.workers.append(_Worker(self.loader))

@@ -10,7 +10,7 @@ import os
 import re
 from typing import Mapping, Optional, Sequence, Tuple, TypeVar
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 T = TypeVar("T")
 _SHARD = re.compile(r"^(\d+)/(\d+)$")

@@ -8,7 +8,7 @@ from typing import Dict, Optional
 import cv2
 import numpy as np
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.data.base import BadItem, Item, Skip, Source
 
 

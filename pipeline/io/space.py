@@ -20,12 +20,10 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from pipeline.errors import RunError
+
 _FALLOC_FL_KEEP_SIZE = 1
 _UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV, errno.EBADF}
-
-
-class RunError(RuntimeError):
-    """A run stopped by a condition the user can fix (one `error:` line, exit code 1)."""
 
 
 class DiskFull(RunError):
