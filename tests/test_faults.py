@@ -1,6 +1,7 @@
 """Faults reproduced the way they happen (issue 10): the main process killed alone, SIGTERM, a run
 dir in use, a full disk, PNG name collisions, kills between rows and PNGs, a decoder killed
 mid-item, bugs in decoding and writing, randomness across batches, refused resumes."""
+import contextlib
 import hashlib
 import json
 import os
@@ -55,6 +56,20 @@ def start(overrides, run_dir, env, log):
                             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
+@contextlib.contextmanager
+def held_at(overrides, run_dir, rows, name="first"):
+    """A GateNet run started and held once `rows` rows are committed (it waits at its next forward):
+    yields (process, gate, pids below it: the decoder processes); killed at the end if still alive."""
+    gate = Gate(run_dir.parent / f"gate-{name}")
+    proc = start(overrides, run_dir, gate.env(), run_dir.parent / f"{name}.log")
+    try:
+        gate.until_rows(run_dir / "maps.h5", rows, proc)
+        yield proc, gate, descendants(proc.pid)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def app(overrides, run_dir, env=None):
     return subprocess.run([PYTHON, "-m", "pipeline", *overrides, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent,
                           env=env or subprocess_env(), capture_output=True, text=True, timeout=600)
@@ -100,18 +115,12 @@ def assert_pngs(run_dir, techniques=("activations", "saliency", "gradcam")):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV])
 def test_killed_main_process_leaves_no_workers_and_resumes(make_cfg, tmp_path, sig):
     folder, overrides = gated(tmp_path)
-    gate, run_dir = Gate(tmp_path / "gate"), tmp_path / "run"
-    proc = start(overrides, run_dir, gate.env(), tmp_path / "first.log")
-    try:
-        gate.until_rows(run_dir / "maps.h5", 6, proc)
-        workers = descendants(proc.pid)
+    run_dir = tmp_path / "run"
+    with held_at(overrides, run_dir, 6) as (proc, _, workers):
         assert workers, "no decoder workers to check"
         os.kill(proc.pid, sig)  # the main process alone, as the OOM killer does
         proc.wait(timeout=60)
         assert wait_gone(workers) == [], "decoder workers outlived the main process by 10 s"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     killed_at = committed_rows(run_dir / "maps.h5")
     assert 6 <= killed_at < 40
     result = app(overrides, run_dir)  # right away: no lock left behind, no "move it away"
@@ -123,17 +132,11 @@ def test_killed_main_process_leaves_no_workers_and_resumes(make_cfg, tmp_path, s
 
 def test_sigterm_is_handled_like_ctrl_c(tmp_path):
     folder, overrides = gated(tmp_path)
-    gate, run_dir = Gate(tmp_path / "gate"), tmp_path / "run"
-    proc = start(overrides, run_dir, gate.env(), tmp_path / "first.log")
-    try:
-        gate.until_rows(run_dir / "maps.h5", 6, proc)
-        workers = descendants(proc.pid)
+    run_dir = tmp_path / "run"
+    with held_at(overrides, run_dir, 6) as (proc, _, workers):
         os.kill(proc.pid, signal.SIGTERM)  # what kill and scancel send
         assert proc.wait(timeout=120) == 143
         assert wait_gone(workers) == []
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     log = (tmp_path / "first.log").read_text()
     assert "interrupted by SIGTERM" in log and "Traceback" not in log
     with h5py.File(run_dir / "maps.h5", "r") as f:
@@ -151,20 +154,15 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path):
 # -- 2. a run dir in use is named as such; a stale lock never blocks ----------------------------------
 def test_second_run_into_a_live_run_dir_is_refused_naming_it(tmp_path):
     folder, overrides = gated(tmp_path)
-    gate, run_dir = Gate(tmp_path / "gate"), tmp_path / "run"
-    proc = start(overrides, run_dir, gate.env(), tmp_path / "first.log")
-    try:
-        gate.until_rows(run_dir / "maps.h5", 2, proc)
+    run_dir = tmp_path / "run"
+    with held_at(overrides, run_dir, 2) as (proc, gate, _):
         second = app(overrides, run_dir)
         assert second.returncode == 2
         (line,) = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
         assert f"{run_dir} is being written by another run (pid {proc.pid}, host " in line and "since 20" in line
         assert "move it away" not in second.stderr and "Traceback" not in second.stderr
         gate.open()
-        assert proc.wait(timeout=300) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=Gate.HANG) == 0
     assert_complete(run_dir, folder)
 
 
@@ -296,15 +294,9 @@ def test_kills_between_rows_and_pngs_lose_no_png(tmp_path):
     folder, overrides = gated(tmp_path, 30)
     run_dir = tmp_path / "run"
     for i, rows in enumerate((4, 12, 20)):
-        gate = Gate(tmp_path / f"gate{i}")
-        proc = start(overrides, run_dir, gate.env(), tmp_path / f"run{i}.log")
-        try:
-            gate.until_rows(run_dir / "maps.h5", rows, proc)
+        with held_at(overrides, run_dir, rows, f"run{i}") as (proc, _, _):
             os.kill(proc.pid, signal.SIGKILL)  # the moment the commit is seen
             proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
         assert len([n for n in assert_pngs(run_dir) if n]) >= rows
     assert app(overrides, run_dir).returncode == 0
     assert len(assert_complete(run_dir, folder)["id"]) == 30

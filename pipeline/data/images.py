@@ -69,7 +69,10 @@ class FolderSource(Source):
         # header None: Pillow cannot read this header (e.g. a Radiance .hdr), but OpenCV may
         # decode the file; it does so under its own cap (CV_IO_MAX_IMAGE_PIXELS, 2^30 by default)
         # and the budget is checked on the decoded size below.
-        image = cv2.imdecode(data, flags) if data.size else None
+        try:
+            image = cv2.imdecode(data, flags) if data.size else None
+        except cv2.error as err:  # a decoder that throws on a corrupt file instead of returning None
+            raise BadItem(f"cannot decode image ({str(err).strip().splitlines()[-1][:160]})") from None
         if image is None:
             raise BadItem("cannot decode image (corrupt or unsupported format)")
         if header is None:
