@@ -174,6 +174,22 @@ def test_a_stale_lock_never_blocks(make_cfg, image_folder, tiny_checkpoint, tmp_
     assert summary.rows == 7
 
 
+def test_a_reader_holding_the_hdf5_lock_is_named(make_cfg, image_folder, tiny_checkpoint, tmp_path):
+    cfg = make_cfg(*tiny_overrides(tiny_checkpoint, image_folder, "technique=gradcam", "layers=[relu2]"))
+    run(cfg, tmp_path / "run")
+    reader = subprocess.Popen([PYTHON, "-c", "import h5py, sys; f = h5py.File(sys.argv[1], 'r'); print('open', "
+                               "flush=True); sys.stdin.read()", str(tmp_path / "run" / "maps.h5")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "open"  # it holds HDF5's lock now
+        with pytest.raises(ConfigError, match=rf"is open in pid {reader.pid} \(.*python -c import h5py.*locking=False"):
+            run(cfg, tmp_path / "run")
+    finally:
+        reader.kill()
+        reader.wait()
+    assert run(cfg, tmp_path / "run").rows == 7
+
+
 # -- 3. disk full never corrupts maps.h5 ------------------------------------------------------------
 @pytest.fixture
 def small_disk(tmp_path):

@@ -97,11 +97,12 @@ class Loader:
         if self.num_workers <= 0:
             yield from self._in_process()
             return
-        pool, self._pool = self.start()._pool, None  # one iteration per pool
+        pool = self.start()._pool  # one iteration per pool; close() (or the end of the iteration) stops it
         try:
             yield from pool.batches()
         finally:
-            pool.close()
+            if self._pool is pool:
+                self.close()
 
     def _in_process(self) -> Iterator[Batch]:
         for start in range(0, len(self.items), self.batch_size):

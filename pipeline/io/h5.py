@@ -142,7 +142,7 @@ def processes_holding(path: Path) -> List[tuple]:
             continue
         try:
             if any(os.path.realpath(fd) == target for fd in (entry / "fd").iterdir()):
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                cmd = " ".join((entry / "cmdline").read_bytes().decode(errors="replace").replace("\0", " ").split())
                 found.append((int(entry.name), cmd[:120]))
         except OSError:
             continue
