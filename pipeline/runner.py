@@ -22,12 +22,12 @@ from tqdm import tqdm
 from pipeline.config import ConfigError, validate
 from pipeline.data import Source, build_source, resolve_shard
 from pipeline.data.loader import Loader
+from pipeline.errors import RunError
 from pipeline.evaluation import SanityCheck, deletion_insertion, heatmaps
 from pipeline.io.h5 import MapsFile
+from pipeline.io.lock import RunDirLock
 from pipeline.io.plots import write_plots
 from pipeline.io.render import render_gallery, render_summary
-from pipeline.io.lock import RunDirLock
-from pipeline.errors import RunError
 from pipeline.io.space import remove_stale_temporaries
 from pipeline.io.writer import AsyncWriter, BatchRecord
 from pipeline.models import LoadedModel, build_model, last_conv_block, probe_shapes, resolve_layers
@@ -163,8 +163,10 @@ class Terminated(KeyboardInterrupt):
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """Within the block, SIGTERM raises Terminated in the main thread, unless something else (e.g.
-    submitit, which has its own preemption handling) already handles SIGTERM."""
+    submitit, which has its own preemption handling) already handles SIGTERM. A second SIGTERM
+    while the run winds down kills it at once (the commits make that safe too)."""
     def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise Terminated(f"terminated by {signal.Signals(signum).name}")
 
     try:
