@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.config import ConfigError
 from pipeline.data import Skip
-from pipeline.io.h5 import MapsFile
+from pipeline.io.h5 import MapsFile, key_differences
 
 
 def columns(start, n):
@@ -52,3 +52,12 @@ def test_unreadable_file_gives_a_clear_error(tmp_path):
     (tmp_path / "maps.h5").write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="is not an HDF5 file"):
         MapsFile(tmp_path / "maps.h5", {})
+
+
+def test_keys_a_run_did_not_have_match_only_when_off():
+    old = {"data": {"path": "x"}, "technique": {"gradcam": {"relu": True}}}
+    new = {"data": {"path": "x", "max_pixels": 100, "reduced_decode": True}, "technique": {"gradcam": {"relu": False}}}
+    assert key_differences(old, new) == ["data.max_pixels: (not set) -> 100", "data.reduced_decode: (not set) -> true",
+                                         "technique.gradcam.relu: true -> false"]
+    new["data"].update(max_pixels=None, reduced_decode=False)  # the old behaviour: a run made before them resumes
+    assert key_differences(old, new) == ["technique.gradcam.relu: true -> false"]

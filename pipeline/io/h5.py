@@ -53,13 +53,16 @@ def append_bytes(columns: Dict[str, np.ndarray]) -> int:
 
 
 def key_differences(old, new, prefix: str = "") -> List[str]:
-    """`key: old -> new` for every setting of two run keys that differs (dotted config keys)."""
+    """`key: old -> new` for every setting of two run keys that differs (dotted config keys). A key
+    the old run did not have (a run made before the key existed) matches null or false, the value
+    that switches a new feature off (e.g. data.max_pixels=null data.reduced_decode=false)."""
     out: List[str] = []
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) | set(new)):
             name = f"{prefix}.{k}" if prefix else str(k)
             if k not in old:
-                out.append(f"{name}: (not set) -> {_show(new[k])}")
+                if new[k] is not None and new[k] is not False:
+                    out.append(f"{name}: (not set) -> {_show(new[k])}")
             elif k not in new:
                 out.append(f"{name}: {_show(old[k])} -> (not set)")
             else:
