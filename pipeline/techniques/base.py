@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from pipeline.hooks import capture
+from pipeline.progress import NO_PROGRESS, Progress
 from pipeline.seeds import keyed_generator
 from pipeline.targets import TargetSpec
 
@@ -300,9 +301,11 @@ class Technique:
 
     def generate(self, model: nn.Module, layers: Sequence[str], *, device: torch.device,
                  generator: torch.Generator, max_batch: int, class_names: Optional[Sequence[str]] = None,
-                 preprocess=None) -> Dict[Tuple[str, str], torch.Tensor]:
+                 preprocess=None, progress: Progress = NO_PROGRESS) -> Dict[Tuple[str, str], torch.Tensor]:
         """Data-free techniques: {(layer, output): array} computed once per run, e.g.
-        (layer, "images") uint8 [M, 3, H, W], (layer, "index") [M], (layer, "objective") [M, steps]."""
+        (layer, "images") uint8 [M, 3, H, W], (layer, "index") [M], (layer, "objective") [M, steps].
+        `progress` (pipeline.progress): announce the work with `progress.add(units)` up front (e.g.
+        rows x steps) and report it with `progress.step(units)` as it is done."""
         raise NotImplementedError(f"{self.name} works on inputs; it has no generate()")
 
 
