@@ -7,32 +7,20 @@ attempt is recorded as interrupted; running the same command again resumes).
 import logging
 import shlex
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from pipeline.cli import group_override_errors, register_help_resolver, say, write_hydra_record
 from pipeline.config import CONF_DIR, ConfigError, register_configs
 from pipeline.data import resolve_shard
 from pipeline.errors import RunError
-from pipeline.io.space import write_atomic
 from pipeline.runner import Terminated, run
 
-log = logging.getLogger("pipeline")
 register_configs()
-
-
-def write_hydra_record(run_dir: str, cfg: DictConfig) -> None:
-    """Hydra's `.hydra/{config,hydra,overrides}.yaml`, written by the app (conf/config.yaml sets
-    `hydra.output_subdir: null`) only once the run is accepted, so a refused resume leaves the
-    record of the run that made maps.h5."""
-    hc = HydraConfig.get()
-    folder = Path(run_dir) / ".hydra"
-    for name, node in (("config.yaml", cfg), ("hydra.yaml", OmegaConf.create({"hydra": hc})),
-                       ("overrides.yaml", hc.overrides.task)):
-        write_atomic(folder / name, OmegaConf.to_yaml(node).encode())
+register_help_resolver()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -48,22 +36,23 @@ def main(cfg: DictConfig) -> None:
                                                           f"hydra.run.dir={run_dir}"])
         summary = run(cfg, run_dir, command, on_start=lambda: write_hydra_record(run_dir, cfg))
     except ConfigError as err:
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
+        say(f"error: {err}", logging.ERROR, sys.stderr)
         sys.exit(2)
     except RunError as err:
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
+        say(f"error: {err}", logging.ERROR, sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as err:
         signal_name = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
-        message = (f"interrupted by {signal_name}; the attempt is recorded in {run_dir}/maps.h5, and running "
-                   "the same command again resumes it")
-        log.warning("%s", message)
-        print(message, file=sys.stderr)
+        say(f"interrupted by {signal_name}; the attempt is recorded in {run_dir}/maps.h5, and running the same "
+            "command again resumes it", logging.WARNING, sys.stderr)
         sys.exit(143 if isinstance(err, Terminated) else 130)
-    print(summary.line())
+    say(summary.line())
 
 
 if __name__ == "__main__":
+    errors = group_override_errors(sys.argv[1:])
+    if errors:
+        for line in errors:
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -18,7 +18,16 @@ from omegaconf import II, MISSING
 
 from pipeline.errors import ConfigError  # noqa: F401 - re-exported: pipeline.config.ConfigError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+def _conf_dir() -> Path:
+    """The Hydra configs: `pipeline/conf` in an installed wheel (shipped from the checkout's
+    top-level `conf/`, the source of truth), else `conf/` beside the package (a source checkout or
+    an editable install)."""
+    package = Path(__file__).resolve().parent
+    shipped = package / "conf"
+    return shipped if (shipped / "config.yaml").is_file() else package.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from pipeline.maps import gaussian_blur, resize_maps
+from pipeline.progress import NO_PROGRESS, Progress
 from pipeline.techniques.base import Pass, Technique, rows_logits
 
 Key = Tuple[str, str, str]  # (technique, layer, output)
@@ -35,11 +36,14 @@ def heatmaps(techniques: Dict[str, Technique], maps: Dict[Key, torch.Tensor]) ->
 
 
 def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
-                       steps: int, max_batch: int) -> Dict[str, torch.Tensor]:
-    """x [N, C, *S], maps [N, K, *s], targets [N, K] -> curves [N, K, steps+1] and AUCs [N, K].
+                       steps: int, max_batch: int, kinds: Sequence[str] = ("deletion", "insertion"),
+                       progress: Progress = NO_PROGRESS) -> Dict[str, torch.Tensor]:
+    """x [N, C, *S], maps [N, K, *s], targets [N, K] -> curves [N, K, steps+1] and AUCs [N, K]
+    for each of `kinds`.
 
     Deletion goes from x to zeros (the dataset mean colour, in model space); insertion from a
-    blurred x to x. Perturbed copies are built max_batch rows at a time, never all at once.
+    blurred x to x. Perturbed copies are built max_batch rows at a time, never all at once;
+    `progress` counts them.
     """
     N, K = targets.shape
     spatial = x.shape[2:]
@@ -54,7 +58,11 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, ta
     k_of = torch.arange(K, device=x.device).repeat_interleave(steps + 1).repeat(N)
     s_of = torch.arange(steps + 1, device=x.device).repeat(N * K)
     out = {}
-    for name, start, end in (("deletion", x, torch.zeros_like(x)), ("insertion", gaussian_blur(x, 5.0), x)):
+    ends = {"deletion": lambda: (x, torch.zeros_like(x)), "insertion": lambda: (gaussian_blur(x, 5.0), x)}
+    progress.add(rows * len(kinds))
+    for name in kinds:
+        start, end = ends[name]()
+
         def mixed(r, start=start, end=end):  # rows r -> [m, C, *S]
             changed = (rank[n_of[r], k_of[r]] < counts[s_of[r], None]).reshape(-1, 1, *spatial).to(x.dtype)
             return start[n_of[r]] * (1 - changed) + end[n_of[r]] * changed
@@ -62,6 +70,7 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, ta
         curve = torch.empty(rows, device=x.device)
         for r, logits in rows_logits(model, rows, mixed, max_batch, x.device):
             curve[r] = logits.softmax(1).gather(1, targets[n_of[r], k_of[r]][:, None])[:, 0]
+            progress.step(len(r))
         curve = curve.reshape(N, K, steps + 1)
         out[name] = curve
         out[f"{name}_auc"] = torch.trapezoid(curve, dx=1.0 / steps, dim=-1)
@@ -102,12 +111,15 @@ class SanityCheck:
 
     def correlations(self, x: torch.Tensor, layers: Sequence[str], target, techniques: Dict[str, Technique],
                      originals: Dict[Key, torch.Tensor], targets: torch.Tensor, max_batch: int,
-                     seed: int = 0, ids: Optional[Sequence[str]] = None) -> Dict[Key, torch.Tensor]:
-        """{key: [N, K, steps]} Spearman correlation of each map with its original after each group."""
+                     seed: int = 0, ids: Optional[Sequence[str]] = None,
+                     progress: Progress = NO_PROGRESS) -> Dict[Key, torch.Tensor]:
+        """{key: [N, K, steps]} Spearman correlation of each map with its original after each group;
+        `progress` counts the groups."""
         self.copy.load_state_dict(self.original.state_dict())
         modules = dict(self.copy.named_modules())
         done: set = set()
         per_step: Dict[Key, List[torch.Tensor]] = {key: [] for key in originals}
+        progress.add(len(self.groups))
         for j, group in enumerate(self.groups):
             with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
                 torch.manual_seed(self.seed + j)
@@ -124,4 +136,5 @@ class SanityCheck:
                 result = techniques[name].attribute(self.copy, x, layers, target, shared=shared)
                 for key in [k for k in originals if k[0] == name]:
                     per_step[key].append(spearman(originals[key], result.maps[key[1], key[2]]))
+            progress.step(1)
         return {key: torch.stack(values, -1) for key, values in per_step.items()}

@@ -10,7 +10,7 @@ import math
 import random
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -31,12 +31,15 @@ from pipeline.io.render import render_gallery, render_summary
 from pipeline.io.space import remove_stale_temporaries
 from pipeline.io.writer import AsyncWriter, BatchRecord
 from pipeline.models import LoadedModel, build_model, last_conv_block, probe_shapes, resolve_layers
+from pipeline.progress import NO_PROGRESS, Progress
 from pipeline.provenance import attempt, command_line, provenance
 from pipeline.rf.table import field_table, table_arrays
 from pipeline.targets import TargetSpec
 from pipeline.techniques import Pass, Technique, get_technique
 
 log = logging.getLogger("pipeline")
+# tqdm's default bar with the count shown to one decimal: a batch's inputs move the bar part-way
+BAR_FORMAT = "{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
 
 @dataclass
@@ -48,10 +51,22 @@ class Summary:
     seconds: float
     images_per_s: float
     pngs: int
+    generated: List[str] = field(default_factory=list)  # data-free techniques: "<name> (<what>) in <s> s"
+    per_input: bool = True  # the run had per-input techniques
 
     def line(self) -> str:
-        return (f"done {self.done} inputs ({self.rows} rows in maps.h5), skipped {self.skipped}, "
-                f"{self.seconds:.1f} s, {self.images_per_s:.1f} images/s -> {self.out_dir}")
+        """The closing line: inputs done (3 significant digits of throughput, never "0.0"), and
+        what data-free techniques generated and how long they took."""
+        parts = []
+        if self.per_input:
+            rate = f"{self.images_per_s:.3g}" if math.isfinite(self.images_per_s) else "-"
+            parts.append(f"done {self.done} inputs ({self.rows} rows in maps.h5), skipped {self.skipped}, "
+                         f"{self.seconds:.3g} s, {rate} images/s")
+        if self.generated:
+            parts.append(("generated " if self.per_input else "done: generated ") + ", ".join(self.generated))
+        if not parts:
+            parts.append("done: nothing left to do")
+        return "; ".join(parts) + f" -> {self.out_dir}"
 
 
 @dataclass
@@ -239,13 +254,19 @@ def _run_into(p: Plan, out_dir: Path, command: Optional[str], on_start, maps_fil
     loader = Loader(p.source, todo, cfg.data.crop, p.model.preprocess, cfg.batch_size, cfg.num_workers, min_side)
     try:
         _write_field_table(p, maps_file)
-        _generate(p, maps_file, out_dir)
+        generated = _generate(p, maps_file, out_dir)
+        if not per_input:  # data-free techniques only: nothing to decode
+            summary = Summary(out_dir, 0, maps_file.rows, 0, 0.0, math.nan, 0, generated, per_input=False)
+            this_attempt.update(finished=True, done=0, skipped=0, rows=maps_file.rows, generated=generated)
+            _record_attempt(maps_file, attempts, this_attempt)
+            return summary
         if done_ids:
             log.info("resuming %s: %d inputs already done, %d to go", out_dir, len(done_ids), len(todo))
         log.info("model %s on %s; layers %s; techniques %s; %d inputs", p.model.description, p.device,
                  p.layers, list(p.techniques), len(todo))
         with loader:  # the decoder processes start here: their start-up counts in images/s
-            return _compute_all(p, out_dir, maps_file, attempts, this_attempt, loader, per_input, pre_skipped)
+            return _compute_all(p, out_dir, maps_file, attempts, this_attempt, loader, per_input, pre_skipped,
+                                generated)
     except BaseException as err:  # stopped before the per-input loop (e.g. Ctrl-C while generating)
         if "interrupted" not in this_attempt:
             this_attempt.update(done=0, skipped=0, rows=maps_file.rows, interrupted=interruption(err),
@@ -255,7 +276,7 @@ def _run_into(p: Plan, out_dir: Path, command: Optional[str], on_start, maps_fil
 
 
 def _compute_all(p: Plan, out_dir: Path, maps_file: MapsFile, attempts: List[dict], this_attempt: dict,
-                 loader: Loader, per_input: Dict[str, Technique], pre_skipped: list) -> Summary:
+                 loader: Loader, per_input: Dict[str, Technique], pre_skipped: list, generated: List[str]) -> Summary:
     """The per-input loop: batches from the loader through every technique into the writer."""
     cfg = p.cfg
     kinds = {name: dict(t.outputs) for name, t in per_input.items()}
@@ -269,17 +290,21 @@ def _compute_all(p: Plan, out_dir: Path, maps_file: MapsFile, attempts: List[dic
             log.warning("skipped %s: %s", s.id, s.reason)
         if pre_skipped:
             writer.put(pre_skipped)
-        with tqdm(total=len(loader.items), unit="img", desc="pipeline", mininterval=1.0) as bar:
+        slots = _slots(p, per_input)
+        with tqdm(total=len(loader.items), unit="img", desc="pipeline", mininterval=1.0,
+                  bar_format=BAR_FORMAT) as bar:
             for batch in loader:
                 for s in batch.skipped:
                     log.warning("skipped %s: %s", s.id, s.reason)
                 if batch.skipped:
                     writer.put(batch.skipped)
                     skipped += len(batch.skipped)
+                    bar.update(len(batch.skipped))
                 if batch.items:
-                    writer.put(_compute(p, batch))
+                    progress = BatchProgress(bar, len(batch.items), slots)
+                    writer.put(_compute(p, batch, progress))
+                    progress.finish()
                     done += len(batch.items)
-                bar.update(len(batch.items) + len(batch.skipped))
     except BaseException as err:  # interrupted (a signal, Ctrl-C, preemption) or failed: record how far it got
         writer_error = writer.abort()
         if writer_error is not None and writer_error is not err:
@@ -293,7 +318,7 @@ def _compute_all(p: Plan, out_dir: Path, maps_file: MapsFile, attempts: List[dic
     seconds = time.perf_counter() - start
     _summarize(p, out_dir, per_input, maps_file)
     summary = Summary(out_dir, done, maps_file.rows, skipped, seconds,
-                      done / seconds if seconds > 0 else math.nan, writer.pngs)
+                      done / seconds if seconds > 0 else math.nan, writer.pngs, generated)
     this_attempt.update(finished=True, done=done, skipped=skipped, rows=summary.rows, seconds=round(seconds, 3),
                         images_per_s=round(summary.images_per_s, 3) if done else None)
     _record_attempt(maps_file, attempts, this_attempt)
@@ -301,7 +326,6 @@ def _compute_all(p: Plan, out_dir: Path, maps_file: MapsFile, attempts: List[dic
         maps_file.close()
         for path in write_plots(out_dir, out_dir / "maps.h5"):
             log.info("wrote %s", path)
-    log.info(summary.line())
     return summary
 
 
@@ -315,9 +339,11 @@ def _record_attempt(maps_file: MapsFile, attempts: List[dict], record: dict) -> 
         log.warning("this attempt could not be recorded in maps.h5: %s", err)
 
 
-def _generate(p: Plan, maps_file: MapsFile, out_dir: Path) -> None:
+def _generate(p: Plan, maps_file: MapsFile, out_dir: Path) -> List[str]:
     """Data-free techniques (kernels, filter / class visualization): once per run, before the
-    inputs; a group already complete in maps.h5 (a resumed run) is not computed again."""
+    inputs, each with a progress bar over its optimization steps; a group already complete in
+    maps.h5 (a resumed run) is not computed again. Returns what was generated, one line each."""
+    made: List[str] = []
     for name, technique in p.techniques.items():
         if technique.uses_data:
             continue
@@ -327,13 +353,35 @@ def _generate(p: Plan, maps_file: MapsFile, out_dir: Path) -> None:
             continue
         log.info("%s: generating (no input data needed)", name)
         generator = torch.Generator(device=p.device).manual_seed(p.cfg.seed)
-        results = technique.generate(p.model.module, p.layers if technique.uses_layers else [],
-                                     device=p.device, generator=generator, max_batch=p.cfg.max_batch,
-                                     class_names=p.model.class_names, preprocess=p.model.preprocess)
+        start = time.perf_counter()
+        with tqdm(total=0, unit="step", desc=name, mininterval=1.0) as bar:
+            results = technique.generate(p.model.module, p.layers if technique.uses_layers else [],
+                                         device=p.device, generator=generator, max_batch=p.cfg.max_batch,
+                                         class_names=p.model.class_names, preprocess=p.model.preprocess,
+                                         progress=Progress(lambda done, total: _follow(bar, done, total)))
+        seconds = time.perf_counter() - start
         arrays = {key: t.detach().cpu().numpy() if torch.is_tensor(t) else np.asarray(t) for key, t in results.items()}
         maps_file.write_group(name, {f"{layer}/{output}": a for (layer, output), a in arrays.items()})
+        made.append(f"{name} ({describe_generated(arrays)}) in {seconds:.3g} s")
+        log.info("generated %s", made[-1])
         if p.cfg.render.png and render_gallery(out_dir, name, arrays, p.cfg.render):
             log.info("wrote %s", out_dir / "png" / f"{name}.png")
+    return made
+
+
+def _follow(bar, done: float, total: float) -> None:
+    """Show a Progress on a tqdm bar (its total grows as work is announced)."""
+    if total != bar.total:
+        bar.total = total
+        bar.refresh()
+    if done > bar.n:
+        bar.update(done - bar.n)
+
+
+def describe_generated(arrays: Dict[tuple, np.ndarray]) -> str:
+    """"112 images of blocks.4, 2 images of logits": what a data-free technique made, per layer."""
+    parts = [f"{len(a)} images of {layer}" for (layer, output), a in arrays.items() if output == "images"]
+    return ", ".join(parts) or f"{len(arrays)} arrays"
 
 
 def _write_field_table(p: Plan, maps_file: MapsFile) -> None:
@@ -364,25 +412,59 @@ def _summarize(p: Plan, out_dir: Path, techniques: Dict[str, Technique], maps_fi
             log.info("wrote %s", out_dir / "png" / f"{name}.png")
 
 
-def _evaluate(p: Plan, x, maps, targets, ids) -> dict:
+def _evaluate(p: Plan, x, maps, targets, ids, progress: Optional[BatchProgress] = None, slot: int = 0) -> dict:
     """Extra columns from `evaluate.*`: deletion / insertion curves and sanity correlations."""
     ev, out = p.cfg.evaluate, {}
     hm = heatmaps(p.techniques, maps)
-    if ev.deletion or ev.insertion:
+    kinds = [k for k, on in (("deletion", ev.deletion), ("insertion", ev.insertion)) if on]
+    if kinds:
         for (name, layer, output), m in hm.items():
-            curves = deletion_insertion(p.model.module, x, m, targets, ev.steps, p.cfg.max_batch)
+            curves = deletion_insertion(p.model.module, x, m, targets, ev.steps, p.cfg.max_batch, kinds,
+                                        progress.slot(slot) if progress else NO_PROGRESS)
+            slot += 1
             for metric, values in curves.items():
-                if (ev.deletion and metric.startswith("deletion")) or (ev.insertion and metric.startswith("insertion")):
-                    out[name, layer, f"{output}.{metric}"] = values
+                out[name, layer, f"{output}.{metric}"] = values
     if p.sanity and hm:
         correlations = p.sanity.correlations(x, p.layers, p.target, p.techniques, hm, targets,
-                                             p.cfg.max_batch, p.cfg.seed, ids)
+                                             p.cfg.max_batch, p.cfg.seed, ids,
+                                             progress.slot(slot) if progress else NO_PROGRESS)
         for (name, layer, output), values in correlations.items():
             out[name, layer, f"{output}.sanity"] = values
     return out
 
 
-def _compute(p: Plan, batch) -> BatchRecord:
+class BatchProgress:
+    """Moves the images bar within a batch of n inputs: the batch's work is split into `slots`
+    equal parts (one per technique, one per evaluated heatmap, one for the sanity check), and a
+    slot's Progress (the rows of its expanded batches) moves the bar through its part."""
+
+    def __init__(self, bar, n: int, slots: int):
+        self.bar, self.n, self.slots = bar, n, max(1, slots)
+        self.position = 0.0  # inputs of this batch shown as done
+
+    def slot(self, index: int) -> Progress:
+        return Progress(lambda done, total: self.reach(index + (min(1.0, done / total) if total else 0.0)))
+
+    def reach(self, slots_done: float) -> None:
+        """Show `slots_done` of the batch's slots as done (the bar never moves back)."""
+        position = self.n * min(1.0, slots_done / self.slots)
+        if position > self.position + 1e-9:
+            self.bar.update(position - self.position)
+            self.position = position
+
+    def finish(self) -> None:
+        self.reach(self.slots)
+
+
+def _slots(p: Plan, techniques: Dict[str, Technique]) -> int:
+    """How many equal parts a batch's work is split into for the progress bar (see BatchProgress)."""
+    ev = p.cfg.evaluate
+    heatmaps_made = sum(sum(kind == "heatmap" for kind in t.outputs.values()) * (len(p.layers) if t.uses_layers else 1)
+                        for t in techniques.values())
+    return len(techniques) + (heatmaps_made if ev.deletion or ev.insertion else 0) + bool(p.sanity)
+
+
+def _compute(p: Plan, batch, progress: Optional[BatchProgress] = None) -> BatchRecord:
     x = batch.x.to(p.device, non_blocking=True)
     techniques = {name: t for name, t in p.techniques.items() if t.uses_data}
     needs = frozenset().union(*(t.needs for t in techniques.values()))
@@ -390,12 +472,15 @@ def _compute(p: Plan, batch) -> BatchRecord:
     shared = Pass(p.model.module, x, p.layers, p.target, max_batch=p.cfg.max_batch, needs=needs,
                   seed=p.cfg.seed, ids=ids)
     maps = {}
-    for name, technique in techniques.items():
+    for i, (name, technique) in enumerate(techniques.items()):
+        shared.progress = progress.slot(i) if progress else NO_PROGRESS
         result = technique.attribute(p.model.module, x, p.layers, p.target, shared=shared)
         for (layer, output), tensor in result.maps.items():
             maps[name, layer, output] = tensor.detach()
+        if progress:
+            progress.reach(i + 1)
     targets = shared.targets
-    maps.update(_evaluate(p, x, maps, targets, ids))
+    maps.update(_evaluate(p, x, maps, targets, ids, progress, len(techniques)))
     maps = {key: tensor.cpu().numpy() for key, tensor in maps.items()}
     logits = shared.logits.float()
     probs = logits.softmax(1).gather(1, targets)

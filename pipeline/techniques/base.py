@@ -77,13 +77,16 @@ def chunks(total: int, size: int) -> Iterator[slice]:
 
 
 def rows_logits(model: nn.Module, total: int, build: Callable[[torch.Tensor], torch.Tensor], max_batch: int,
-                device: torch.device) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+                device: torch.device, progress: Progress = NO_PROGRESS) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """Rows 0..total-1 built on demand, max_batch at a time (memory bounded by max_batch):
-    yields (idx [m], model(build(idx)) [m, classes]), without grad."""
+    yields (idx [m], model(build(idx)) [m, classes]), without grad; `progress` counts the rows."""
+    progress.add(total)
     with torch.no_grad():
         for s in chunks(total, max_batch):
             idx = torch.arange(s.start, s.stop, device=device)
-            yield idx, model(build(idx))
+            logits = model(build(idx))
+            progress.step(len(idx))
+            yield idx, logits
 
 
 class Pass:
@@ -106,6 +109,7 @@ class Pass:
         if len(self.ids) != x.shape[0]:
             raise ValueError(f"{len(self.ids)} ids for a batch of {x.shape[0]} inputs")
         self.generator = torch.Generator(device=x.device).manual_seed(self.seed)  # batch-level draws
+        self.progress: Progress = NO_PROGRESS  # the runner sets one per technique: expanded rows are counted
         self._memo: Dict[str, Any] = {}
         self._logits: Optional[torch.Tensor] = None
         self._targets: Optional[torch.Tensor] = targets  # [N, K] given: explain these classes
@@ -212,19 +216,22 @@ class Pass:
     def rows_logits(self, total: int, build: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """For rows 0..total-1, max_batch at a time: yields (idx [m], logits [m, classes]) of
         build(idx) -> inputs [m, C, ...], without grad."""
-        return rows_logits(self.model, total, build, self.max_batch, self.x.device)
+        return rows_logits(self.model, total, build, self.max_batch, self.x.device, self.progress)
 
     def rows_input_grads(self, total: int, build: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
                          ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """For rows 0..total-1, max_batch at a time: yields (idx [m], d logit[classes]/d inputs [m, C, ...])
         of build(idx) -> (inputs [m, C, ...], classes [m])."""
+        self.progress.add(total)
         for s in chunks(total, self.max_batch):
             idx = torch.arange(s.start, s.stop, device=self.x.device)
             inputs, classes = build(idx)
             x = inputs.detach().requires_grad_(True)
             with torch.enable_grad():
                 score = self.model(x).gather(1, classes[:, None]).sum()
-                yield idx, torch.autograd.grad(score, x)[0]
+                grads = torch.autograd.grad(score, x)[0]
+            self.progress.step(len(idx))
+            yield idx, grads
 
 
 class Technique:
