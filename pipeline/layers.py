@@ -1,5 +1,8 @@
 """`python -m pipeline.layers [model=...]`: every layer with its type, output shape and theoretical
-receptive field (size, jump = cumulative stride, centre of element 0's field, in input pixels)."""
+receptive field (size, jump = cumulative stride, centre of element 0's field, in input pixels).
+
+The listing builds the architecture alone (build_model's load_weights=False): torchvision and
+timm weights are neither downloaded nor read, so it works offline with an empty cache."""
 import sys
 
 import hydra
@@ -16,8 +19,9 @@ register_configs()
 
 def layer_table(cfg: DictConfig) -> str:
     """One line per module: name, type, output shape for one [1, 3, S, S] input, and the receptive
-    field of its output (size, jump, centre; per axis when they differ, "-" after a global pool)."""
-    model = build_model(cfg.model, "cpu", cfg.data.clip_len)
+    field of its output (size, jump, centre; per axis when they differ, "-" after a global pool).
+    No weights are loaded (but the embedded model's local ones): shapes and fields do not need them."""
+    model = build_model(cfg.model, "cpu", cfg.data.clip_len, load_weights=False)
     if isinstance(model.module, torch.jit.ScriptModule):
         raise ConfigError("a TorchScript model cannot be hooked, so its layers cannot be listed")
     example = model.example()
