@@ -320,7 +320,7 @@ def _compute_all(p: Plan, out_dir: Path, maps_file: MapsFile, attempts: List[dic
     summary = Summary(out_dir, done, maps_file.rows, skipped, seconds,
                       done / seconds if seconds > 0 else math.nan, writer.pngs, generated)
     this_attempt.update(finished=True, done=done, skipped=skipped, rows=summary.rows, seconds=round(seconds, 3),
-                        images_per_s=round(summary.images_per_s, 3) if done else None)
+                        images_per_s=float(f"{summary.images_per_s:.4g}") if done else None)  # significant digits: never 0.0
     _record_attempt(maps_file, attempts, this_attempt)
     if cfg.evaluate.deletion or cfg.evaluate.insertion or cfg.evaluate.sanity:
         maps_file.close()

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from pipeline import models
+from pipeline import weights
 from pipeline.config import ConfigError
 from pipeline.layers import layer_table
 from pipeline.models import build_model
@@ -144,7 +144,7 @@ def test_missing_weights_fail_at_once_in_process(make_cfg, no_network):
     import timm  # noqa: F401 - imported first: the timing is of the weights' check alone
     import torchvision.models  # noqa: F401
 
-    for overrides, way_out, weights in (
+    for overrides, way_out, expected in (
         (("model=torchvision", "model.name=resnet18", "model.weights=IMAGENET1K_V1"), "model.weights=null", RESNET18_FILE),
         (("model=timm", f"model.name={TIMM_TINY}", "model.pretrained=true"), "model.pretrained=false", "timm/test_resnet.r160_in1k"),
     ):
@@ -154,13 +154,13 @@ def test_missing_weights_fail_at_once_in_process(make_cfg, no_network):
         assert time.monotonic() - start < 2
         message = str(err.value)
         assert "\n" not in message and "network disabled by the test" in message
-        assert weights in message and way_out in message and "model=checkpoint" in message
+        assert expected in message and way_out in message and "model=checkpoint" in message
     assert no_network  # the probe was the only attempt, refused
 
 
 def test_a_download_that_fails_after_the_check_is_refused_too(make_cfg, no_network, monkeypatch, tmp_path):
     """The host answered the check, then the download itself fails (here: every socket refused)."""
-    monkeypatch.setattr(models, "_unreachable", lambda url: None)
+    monkeypatch.setattr(weights, "_unreachable", lambda url: None)
     with pytest.raises(ConfigError, match=r"cannot be downloaded \(URLError: .*network disabled.*model.weights=null"):
         build_model(make_cfg("model=torchvision", "model.name=resnet18").model)
     assert no_network and not list((tmp_path / "torch").rglob("*.pth"))  # tried, and nothing half-written kept
@@ -179,7 +179,7 @@ def test_hf_hub_offline_is_named_and_nothing_is_tried(make_cfg, no_network, monk
 def test_a_host_that_never_answers_is_given_up_on(make_cfg, monkeypatch, tmp_path):
     """A proxy that accepts connections and never replies (a black hole): the bounded check gives up
     after PROBE_TIMEOUT_S instead of waiting for ever."""
-    monkeypatch.setattr(models, "PROBE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(weights, "PROBE_TIMEOUT_S", 0.5)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     for name in ("NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
