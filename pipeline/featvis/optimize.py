@@ -17,6 +17,7 @@ from pipeline.featvis import params as P
 from pipeline.featvis.objectives import Objective
 from pipeline.featvis.transforms import Transform
 from pipeline.hooks import capture, forward
+from pipeline.progress import NO_PROGRESS, Progress
 
 # Named recipes: option overrides. resnet34: the multi-scale recipe (start 56 px, 20 Adam steps at
 # lr 0.1, then 12 times: upscale x1.2 and box-blur 5 px, 20 more steps) -> about 500 px images.
@@ -53,12 +54,14 @@ def normalize(image: torch.Tensor, preprocess) -> torch.Tensor:
 
 def optimize(model: nn.Module, objective: Objective, param: P.Param, *, steps: int, lr: float,
              transform: Optional[Transform] = None, generators: Sequence[torch.Generator] = (),
-             preprocess=None, track: Optional[Objective] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+             preprocess=None, track: Optional[Objective] = None,
+             progress: Progress = NO_PROGRESS) -> Tuple[torch.Tensor, torch.Tensor]:
     """Maximize `objective` (summed over rows) with Adam on `param` = (params, image_fn).
 
     `transform` runs on each row with that row's generator (generators[b]) before the model sees
     (pixel - mean) / std. Returns the final image [B, 3, H, W] in [0, 1] (detached) and the tracked
     objective (default: `objective`) at each step [B, steps], evaluated before that step's update.
+    `progress.step(B)` after every step (B rows x steps units in all; the caller announces them).
     """
     tensors, image_fn = param
     opt = torch.optim.Adam(tensors, lr=lr)
@@ -81,6 +84,7 @@ def optimize(model: nn.Module, objective: Objective, param: P.Param, *, steps: i
             opt.step()
             for t in tensors:
                 t.grad = None
+            progress.step(len(history[-1]))
     with torch.no_grad():
         image = image_fn().detach()
     return image, torch.stack(history, 1) if history else image.new_zeros(image.shape[0], 0)
@@ -98,10 +102,13 @@ def visualize(model: nn.Module, objective: Objective, *, batch: int, generators:
               device, size: int, steps: int, lr: float, param: str = "fourier", decorrelate: bool = True,
               init_sd: float = 0.01, transform: Optional[Transform] = None, preprocess=None,
               upscalings: int = 0, upscale_factor: float = 1.2, blur: int = 0,
-              track: Optional[Objective] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+              track: Optional[Objective] = None,
+              progress: Progress = NO_PROGRESS) -> Tuple[torch.Tensor, torch.Tensor]:
     """Initialize `param` (row b from generators[b]), optimize `steps` steps, then `upscalings` times:
     upscale by `upscale_factor` (bicubic), box-blur, re-parameterize and optimize `steps` more.
-    Returns images uint8 [B, 3, S, S] and the objective per step [B, steps * (upscalings + 1)]."""
+    Returns images uint8 [B, 3, S, S] and the objective per step [B, steps * (upscalings + 1)].
+    `progress.step(batch)` after every step: batch x steps x (upscalings + 1) units, which the
+    caller announces (`progress.add`) before it starts."""
     current = P.make(param, batch, size, list(generators), device, decorrelate, init_sd)
     histories = []
     for level in range(upscalings + 1):
@@ -110,6 +117,6 @@ def visualize(model: nn.Module, objective: Objective, *, batch: int, generators:
             image = F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False)
             current = P.from_image(param, box_blur(image.clamp(0, 1), blur), decorrelate)
         image, history = optimize(model, objective, current, steps=steps, lr=lr, transform=transform,
-                                  generators=generators, preprocess=preprocess, track=track)
+                                  generators=generators, preprocess=preprocess, track=track, progress=progress)
         histories.append(history)
     return to_uint8(image), torch.cat(histories, 1)

@@ -66,17 +66,46 @@ def fit(tile: Tile, size: int) -> Tile:
     return cv2.resize(tile, (size, size), interpolation=inter)
 
 
+LABEL_MIN_SHRINK = 0.8  # a title that would shrink below this fraction of its font size goes on two lines
+
+
+def _text_width(lines: Sequence[str], font, scale: float) -> int:
+    return max(cv2.getTextSize(line, font, scale, 1)[0][0] for line in lines)
+
+
+def _two_lines(text: str, font, scale: float) -> Optional[List[str]]:
+    """`text` split in two at a " · " separator (else at a space), the split whose longer line is
+    the shortest; None when it has no place to split."""
+    seps = " · " if " · " in text else " "
+    parts = text.split(seps)
+    if len(parts) < 2:
+        return None
+    splits = [[seps.join(parts[:i]), seps.join(parts[i:])] for i in range(1, len(parts))]
+    if seps == " · ":  # the line break replaces the separator; keep the dot at the end of line 1
+        splits = [[a + " ·", b] for a, b in splits]
+    return min(splits, key=lambda lines: _text_width(lines, font, scale))
+
+
 def label(tile: Tile, text: str, size: int) -> Tile:
-    """Resize to size x size and write `text` on a dark strip at the top, shrunk to fit."""
+    """Resize to size x size and write `text` on a dark strip at the top, shrunk to fit. "\n"
+    breaks lines; a one-line title that would shrink below LABEL_MIN_SHRINK of its font size
+    (0.32 at 160 px) is written on two lines, split at a " · " or a space, so that long titles
+    stay readable."""
     tile = fit(tile, size).copy()
-    font, scale = cv2.FONT_HERSHEY_SIMPLEX, max(0.3, size / 400)
-    (width, height), _ = cv2.getTextSize(text, font, scale, 1)
-    if width > size - 6:
-        scale *= (size - 6) / width
-        (width, height), _ = cv2.getTextSize(text, font, scale, 1)
-    strip = height + 8
+    font, base = cv2.FONT_HERSHEY_SIMPLEX, max(0.3, size / 400)
+    room = size - 6
+    lines = text.split("\n")
+    scale = base * min(1.0, room / max(1, _text_width(lines, font, base)))
+    if len(lines) == 1 and scale < LABEL_MIN_SHRINK * base:
+        split = _two_lines(text, font, base)
+        if split is not None:
+            lines = split
+            scale = base * min(1.0, room / max(1, _text_width(lines, font, base)))
+    height = cv2.getTextSize("Ag", font, scale, 1)[0][1] if len(lines) > 1 else cv2.getTextSize(text, font, scale, 1)[0][1]
+    strip = len(lines) * (height + 4) + 4
     tile[:strip] = (tile[:strip] * 0.3).astype(np.uint8)
-    cv2.putText(tile, text, (3, strip - 4), font, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    for i, line in enumerate(lines):
+        cv2.putText(tile, line, (3, (i + 1) * (height + 4)), font, scale, (255, 255, 255), 1, cv2.LINE_AA)
     return tile
 
 
@@ -183,8 +212,9 @@ def rectangle(tile: Tile, box: Sequence[float], scale: float, colour=(255, 255, 
 def rf_rows(maps: Sequence[Tuple[str, np.ndarray]], image: Tile, title: str, cfg, draw: dict) -> List[List[Tile]]:
     """Receptive-field maps [K, h, w] of several layers: per crop k, the input (with box k when
     draw["boxes"] is a list) then one tile per layer, labelled "<layer> <draw["labels"][layer]>",
-    wrapped every `gallery_columns` tiles. draw["display"]: heatmap (the map over the input) or
-    weighted (the input weighted by the map); draw["scale"]: fraction (fixed [0, 1], so layers
+    wrapped into a grid of even rows (`rf_columns`: at most `gallery_columns` tiles and
+    RF_MAX_WIDTH px a row). draw["display"]: heatmap (the map over the input) or weighted (the
+    input weighted by the map); draw["scale"]: fraction (fixed [0, 1], so layers
     compare) or max (each map by its maximum); a dict draw["boxes"] puts each layer's box on its tile."""
     size = cfg.tile
     scale = size / image.shape[1]
@@ -203,9 +233,24 @@ def rf_rows(maps: Sequence[Tuple[str, np.ndarray]], image: Tile, title: str, cfg
             if isinstance(boxes, dict) and layer in boxes:
                 tile = rectangle(tile, boxes[layer], scale)
             tiles.append(label(tile, f"{layer} {labels.get(layer, '')}".strip(), size))
-        per_row = max(2, cfg.gallery_columns)
-        rows.extend(tiles[j:j + per_row] for j in range(0, len(tiles), per_row))
+        rows.extend(wrap(tiles, rf_columns(cfg)))
     return rows
+
+
+RF_MAX_WIDTH = 1600  # px: a receptive-field grid is at most this wide (or 2 tiles), however many layers
+
+
+def rf_columns(cfg, pad: int = 2) -> int:
+    """Tiles per row of a receptive-field grid: `gallery_columns`, at most RF_MAX_WIDTH px, at least 2."""
+    return max(2, min(cfg.gallery_columns, (RF_MAX_WIDTH - pad) // (cfg.tile + pad)))
+
+
+def wrap(tiles: Sequence[Tile], columns: int) -> List[List[Tile]]:
+    """Tiles in rows of at most `columns`, as even as possible (26 tiles, 9 columns: 9, 9, 8)."""
+    if not tiles:
+        return []
+    per_row = -(-len(tiles) // -(-len(tiles) // max(1, columns)))
+    return [list(tiles[j:j + per_row]) for j in range(0, len(tiles), per_row)]
 
 
 def render_summary(out_dir, technique: str, arrays: Dict[Tuple[str, str], np.ndarray], draw: dict, cfg) -> Optional[object]:
@@ -305,8 +350,10 @@ def render_input(
 
 
 def render_gallery(out_dir, technique: str, results: Dict[Tuple[str, str], np.ndarray], cfg) -> Optional[object]:
-    """png/<technique>.png: one row per layer of its synthesized images [M, 3, H, W] uint8, each tile
-    titled with the layer, the index (channel or class) and the final objective value."""
+    """png/<technique>.png: one row per layer of its synthesized images [M, 3, H, W] uint8 (wrapped
+    every `gallery_columns` tiles), each tile titled with the layer's "label" output when it has
+    one (e.g. "blocks.4 · ch 5", "Egyptian cat (285)"), else "<layer> <index>" (channel or class),
+    followed by the final "objective" value when there is one."""
     rows: List[List[Tile]] = []
     for layer in dict.fromkeys(layer for layer, _ in results):
         images = results.get((layer, "images"))
@@ -314,9 +361,13 @@ def render_gallery(out_dir, technique: str, results: Dict[Tuple[str, str], np.nd
             continue
         index = results.get((layer, "index"), np.arange(len(images)))
         objective = results.get((layer, "objective"))
+        titles = results.get((layer, "label"))
         row = []
         for i, img in enumerate(images):
-            text = f"{layer} {int(index[i])}" + (f" {float(objective[i, -1]):.2f}" if objective is not None else "")
+            if titles is not None:
+                text = str(titles[i]) + (f" · {float(objective[i, -1]):.1f}" if objective is not None else "")
+            else:
+                text = f"{layer} {int(index[i])}" + (f" {float(objective[i, -1]):.2f}" if objective is not None else "")
             row.append(label(fit(np.ascontiguousarray(img.transpose(1, 2, 0)), cfg.tile), text, cfg.tile))
         per_row = max(1, cfg.gallery_columns)
         rows.extend(row[j:j + per_row] for j in range(0, len(row), per_row))

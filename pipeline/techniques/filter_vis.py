@@ -10,6 +10,7 @@ import torch
 from pipeline.featvis import PRESETS, base_seed, objectives, row_generators, transforms, visualize
 from pipeline.featvis.optimize import normalize
 from pipeline.hooks import capture
+from pipeline.progress import NO_PROGRESS, Progress
 from pipeline.techniques.base import Technique, chunks, register
 
 
@@ -50,10 +51,14 @@ def layer_channels(model, layers, size: int, device, preprocess) -> dict:
 @register("filter_vis")
 class FilterVis(Technique):
     """Images that maximize each chosen channel of each chosen layer, one channel per batch row,
-    max_batch rows at a time. Returns per layer images uint8 [M, 3, S, S], index [M] (channel ids)
-    and objective [M, steps * (upscalings + 1)] (the channel/neuron activation at each step)."""
+    max_batch rows at a time. Returns per layer images uint8 [M, 3, S, S], index [M] (channel ids),
+    objective [M, steps * (upscalings + 1)] (the channel/neuron activation at each step) and label
+    [M] the tile titles ("blocks.4 · ch 5"; the gallery adds the final objective).
 
-    outputs = {"images": "gallery", "index": "data", "objective": "data"}
+    Progress: channels x steps x (upscalings + 1) units over all layers, announced before the
+    first step and reported after every optimization step of each chunk of rows."""
+
+    outputs = {"images": "gallery", "index": "data", "objective": "data", "label": "data"}
     uses_data = False
 
     @dataclass
@@ -97,15 +102,18 @@ class FilterVis(Technique):
         for shape in shapes.values():
             parse_channels(self.options.channels, shape[1])
 
-    def generate(self, model, layers, *, device, generator, max_batch, class_names=None, preprocess=None):
+    def generate(self, model, layers, *, device, generator, max_batch, class_names=None, preprocess=None,
+                 progress: Progress = NO_PROGRESS):
         o = self.options
         counts = layer_channels(model, layers, o.size, device, preprocess)
         transform = make_transform(o.jitter, o.scales, o.degrees)
         pick = objectives.channel if o.objective == "channel" else objectives.neuron
         out = {}
         seed = base_seed(generator)  # one for all layers: a channel's image depends on (layer, channel) only
+        channels = {layer: parse_channels(o.channels, counts[layer]) for layer in layers}
+        progress.add(sum(map(len, channels.values())) * o.steps * (o.upscalings + 1))
         for layer in layers:
-            ids = torch.tensor(parse_channels(o.channels, counts[layer]), device=device)
+            ids = torch.tensor(channels[layer], device=device)
             gens = row_generators(seed, [(layer, int(c)) for c in ids.tolist()], device)
             images, history = [], []
             for s in chunks(len(ids), max_batch):
@@ -115,10 +123,11 @@ class FilterVis(Technique):
                                       size=o.size, steps=o.steps, lr=o.lr, param=o.param,
                                       decorrelate=o.decorrelate, init_sd=o.init_sd, transform=transform, preprocess=preprocess,
                                       upscalings=o.upscalings, upscale_factor=o.upscale_factor,
-                                      blur=o.blur, track=main)
+                                      blur=o.blur, track=main, progress=progress)
                 images.append(img)
                 history.append(hist)
             out[layer, "images"] = torch.cat(images)  # [M, 3, S, S] uint8
             out[layer, "index"] = ids  # [M]
             out[layer, "objective"] = torch.cat(history)  # [M, steps]
+            out[layer, "label"] = [f"{layer} · ch {c}" for c in channels[layer]]  # [M] tile titles
         return out

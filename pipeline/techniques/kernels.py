@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.progress import NO_PROGRESS, Progress
 from pipeline.techniques.base import Technique, register
 
 NORMALIZE = ("layer", "tile")
@@ -21,11 +22,22 @@ class Kernels(Technique):
              so 0 is mid-grey (128) and filters compare (a dead filter is flat grey);
       tile:  each tile min-max scaled, round(255 * (w - min) / (max - min)) (a flat tile: 128).
     Each tile is then repeated max(1, size // k) times along each axis (nearest), k = max(kh, kw).
-    Returns per layer images [M, 3, kh * f, kw * f] uint8, index [M] the filter (output channel) of
-    each tile and channel [M] its input channel (-1 for an RGB tile).
+
+    A 1x1 convolution (other than on RGB) has one number per filter and input channel, so its
+    tiles would be flat grey squares: it is drawn instead as its weight matrix [C_out, C_in]
+    (row o: filter o, column i: input channel i), cut into square blocks of side s (`block_side`:
+    the smaller of C_out, C_in split evenly into pieces of at most 64, so a weight is at least
+    2.5 px on a 160 px tile), scaled as above, the part of a last block beyond the matrix white,
+    each block repeated max(1, size // s) times; titled "<layer> · 1x1" over "out a-b · in c-d". A 1x1
+    convolution on RGB keeps its colour tiles (a colour per filter), titled "<layer> · f <o> · 1x1 RGB".
+
+    Returns per layer images [M, 3, kh * f, kw * f] uint8 (1x1 blocks: [M, 3, s * f, s * f]),
+    index [M] the filter (output channel) of each tile (a block's first row), channel [M] its
+    input channel (-1 for an RGB tile; a block's first column), and for 1x1 layers label [M] the
+    tile titles. Progress: one unit per layer.
     """
 
-    outputs = {"images": "gallery", "index": "data", "channel": "data"}
+    outputs = {"images": "gallery", "index": "data", "channel": "data", "label": "data"}
     uses_data = False
 
     @dataclass
@@ -46,13 +58,23 @@ class Kernels(Technique):
             raise ValueError(f"{self.name}: {bad} are not Conv2d layers; choose Conv2d layers, e.g. "
                              f"layers=[{','.join(convs[:3])}]")
 
-    def generate(self, model, layers, *, device, generator, max_batch, class_names=None, preprocess=None):
+    def generate(self, model, layers, *, device, generator, max_batch, class_names=None, preprocess=None,
+                 progress: Progress = NO_PROGRESS):
         self.check_model(model, layers)
         modules = dict(model.named_modules())
+        progress.add(len(layers))
         out = {}
         for layer in layers:
-            images, index, channel = kernel_tiles(modules[layer].weight.detach().float().cpu(), self.options)
+            w = modules[layer].weight.detach().float().cpu()
+            if w.shape[2:] == (1, 1) and w.shape[1] != 3:
+                images, index, channel, titles = matrix_tiles(w, self.options, layer)
+                out[layer, "label"] = titles
+            else:
+                images, index, channel = kernel_tiles(w, self.options)
+                if w.shape[2:] == (1, 1):  # 1x1 on RGB: a colour per filter
+                    out[layer, "label"] = [f"{layer} · f {int(o)} · 1x1 RGB" for o in index]
             out[layer, "images"], out[layer, "index"], out[layer, "channel"] = images, index, channel
+            progress.step(1)
         return out
 
 
@@ -76,3 +98,44 @@ def kernel_tiles(w: torch.Tensor, o: Kernels.Options):
     f = max(1, o.size // max(kh, kw))
     images = images.repeat_interleave(f, 2).repeat_interleave(f, 3)
     return images, index, channel
+
+
+MATRIX_BLOCK = 64  # most rows / columns of a 1x1 layer's weight matrix in one tile (>= 2.5 px a weight at 160 px)
+
+
+def block_side(rows: int, cols: int) -> int:
+    """The side of the square blocks a [rows, cols] matrix is cut into: the smaller dimension, split
+    evenly into pieces of at most MATRIX_BLOCK ([1280, 320] -> 64, [80, 240] -> 40, [16, 32] -> 16);
+    at least min(16, the larger dimension), so a thin matrix ([32, 1]) is not cut into 1 x 1 tiles."""
+    short = min(rows, cols)
+    side = -(-short // -(-short // MATRIX_BLOCK))
+    return max(side, min(16, max(rows, cols)))
+
+
+def matrix_tiles(w: torch.Tensor, o: Kernels.Options, layer: str):
+    """A 1x1 convolution's weights w [C_out, C_in, 1, 1] as the matrix [C_out, C_in] in square
+    blocks (see Kernels) -> images [M, 3, s*f, s*f] uint8, index [M] (first rows), channel [M]
+    (first columns), titles [M]."""
+    W = w[:, :, 0, 0]
+    C_out, C_in = W.shape
+    side = block_side(C_out, C_in)
+    scale = W.abs().max().clamp_min(1e-12)
+    images, index, channel, titles = [], [], [], []
+    for r in range(0, C_out, side):
+        for c in range(0, C_in, side):
+            block = W[r:r + side, c:c + side]
+            if o.normalize == "layer":
+                values = 127.5 * (1 + block / scale)
+            else:
+                lo, span = block.min(), block.max() - block.min()
+                values = 255 * (block - lo) / span if span > 0 else torch.full_like(block, 128.0)
+            tile = torch.full((side, side), 255.0)  # beyond the matrix: white
+            tile[:block.shape[0], :block.shape[1]] = values
+            images.append(tile)
+            index.append(r)
+            channel.append(c)
+            titles.append(f"{layer} · 1x1\nout {r}-{r + block.shape[0] - 1} · in {c}-{c + block.shape[1] - 1}")
+    f = max(1, o.size // side)
+    images = torch.stack(images).round().clamp(0, 255).to(torch.uint8)[:, None].repeat(1, 3, 1, 1)
+    images = images.repeat_interleave(f, 2).repeat_interleave(f, 3)
+    return images, torch.tensor(index), torch.tensor(channel), titles
