@@ -371,6 +371,7 @@ def _generate(p: Plan, maps_file: MapsFile, out_dir: Path) -> List[str]:
 
 def _follow(bar, done: float, total: float) -> None:
     """Show a Progress on a tqdm bar (its total grows as work is announced)."""
+    total, done = (int(v) if float(v).is_integer() else v for v in (total, done))
     if total != bar.total:
         bar.total = total
         bar.refresh()
