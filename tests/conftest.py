@@ -32,6 +32,15 @@ def read_h5(path):
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny tensors: faster than two on shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def make_cfg():
     """compose(overrides) against conf/ with the registered schemas."""
 

@@ -27,13 +27,7 @@ PRE = Preprocess(16, 16, "area", (0.5,) * 3, (0.5,) * 3)
 OLD_RECIPE = dict(param="pixel", size=0, jitter=0, scales=[], degrees=[])  # class_vis's former defaults (steps 200)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster on shared cores
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,7 @@ CPU = torch.device("cpu")
 PRE = Preprocess(16, 16, "area", (0.5,) * 3, (0.5,) * 3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is much faster than two on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster on shared cores
 
 
 def generate(name, model, layers, seed=0, max_batch=8, class_names=None, **options):

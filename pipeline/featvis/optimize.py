@@ -5,11 +5,10 @@ parameters); the model is only read, its layers through `pipeline.hooks.capture`
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-
-from pipeline.seeds import keyed_generator
 import torch.nn.functional as F
 from torch import nn
 
@@ -18,12 +17,23 @@ from pipeline.featvis.objectives import Objective
 from pipeline.featvis.transforms import Transform
 from pipeline.hooks import capture, forward
 from pipeline.progress import NO_PROGRESS, Progress
+from pipeline.seeds import keyed_generator
 
 # Named recipes: option overrides. resnet34: the multi-scale recipe (start 56 px, 20 Adam steps at
 # lr 0.1, then 12 times: upscale x1.2 and box-blur 5 px, 20 more steps) -> about 500 px images.
 PRESETS: Dict[str, Dict[str, object]] = {
     "resnet34": dict(size=56, steps=20, lr=0.1, upscalings=12, upscale_factor=1.2, blur=5, param="pixel"),
 }
+
+
+def with_preset(options, presets: Dict[str, Dict[str, object]]):
+    """`options` (a technique's Options dataclass) with its named `preset` applied (the preset's
+    values win over the options it sets); an unknown preset raises ValueError listing the known."""
+    if options.preset is None:
+        return options
+    if options.preset not in presets:
+        raise ValueError(f"unknown preset {options.preset!r}; known: {', '.join(presets)}")
+    return dataclasses.replace(options, **presets[options.preset])
 
 
 def base_seed(generator: torch.Generator) -> int:

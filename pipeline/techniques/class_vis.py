@@ -8,12 +8,12 @@ high-frequency adversarial patterns on modern CNNs; it is `preset=simonyan2013`,
 param=pixel size=0 steps=200 jitter=0 scales=[] degrees=[]."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 
-from pipeline.featvis import base_seed, objectives, row_generators, visualize
+from pipeline.featvis import base_seed, objectives, row_generators, visualize, with_preset
 from pipeline.progress import NO_PROGRESS, Progress
 from pipeline.techniques.base import Technique, chunks, register
 from pipeline.techniques.filter_vis import make_transform
@@ -82,11 +82,7 @@ class ClassVis(Technique):
 
     def __init__(self, **options):
         super().__init__(**options)
-        o = self.options
-        if o.preset is not None:
-            if o.preset not in PRESETS:
-                raise ValueError(f"unknown preset {o.preset!r}; known: {', '.join(PRESETS)}")
-            self.options = o = replace(o, **PRESETS[o.preset])
+        self.options = o = with_preset(self.options, PRESETS)
         if o.init not in ("zero", "noise"):
             raise ValueError(f"init={o.init!r}: expected zero or noise")
         if o.param not in ("pixel", "fourier"):

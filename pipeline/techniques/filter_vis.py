@@ -2,12 +2,12 @@
 https://distill.pub/2017/feature-visualization/), Lucid-style or with a coarse-to-fine preset."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
 
-from pipeline.featvis import PRESETS, base_seed, objectives, row_generators, transforms, visualize
+from pipeline.featvis import PRESETS, base_seed, objectives, row_generators, transforms, visualize, with_preset
 from pipeline.featvis.optimize import normalize
 from pipeline.hooks import capture
 from pipeline.progress import NO_PROGRESS, Progress
@@ -84,11 +84,7 @@ class FilterVis(Technique):
 
     def __init__(self, **options):
         super().__init__(**options)
-        o = self.options
-        if o.preset is not None:
-            if o.preset not in PRESETS:
-                raise ValueError(f"unknown preset {o.preset!r}; known: {', '.join(PRESETS)}")
-            self.options = o = replace(o, **PRESETS[o.preset])
+        self.options = o = with_preset(self.options, PRESETS)
         if o.objective not in ("channel", "neuron"):
             raise ValueError(f"objective={o.objective!r}: expected channel or neuron")
         if o.param not in ("pixel", "fourier"):
