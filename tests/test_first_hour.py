@@ -101,6 +101,7 @@ def bars(monkeypatch):
 @pytest.mark.parametrize("technique", [
     ["technique=occlusion", "technique.occlusion.window=8", "technique.occlusion.stride=8", "max_batch=4"],
     ["technique=integrated_gradients", "technique.integrated_gradients.steps=8", "max_batch=4"],
+    ["technique=scorecam", "layers=[relu2]", "max_batch=4"],
     ["technique=gradcam", "layers=[relu2]", "evaluate.deletion=true", "evaluate.steps=8", "max_batch=4"],
 ])
 def test_slow_techniques_move_the_bar_within_a_batch(make_cfg, image_folder, tiny_checkpoint, tmp_path, bars,
