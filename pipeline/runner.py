@@ -206,6 +206,12 @@ def interruption(err: BaseException) -> str:
     return type(err).__name__
 
 
+def first_line(err: BaseException) -> Optional[str]:
+    """An exception's message for an attempt record: its first line, at most 300 characters."""
+    text = str(err)
+    return text.splitlines()[0][:300] if text else None
+
+
 def run(cfg, out_dir: str | Path, command: Optional[str] = None,
         on_start: Optional[Callable[[], None]] = None) -> Summary:
     """Run a config into `out_dir` (Hydra's run dir under the CLI); returns the closing summary.
@@ -270,7 +276,7 @@ def _run_into(p: Plan, out_dir: Path, command: Optional[str], on_start, maps_fil
     except BaseException as err:  # stopped before the per-input loop (e.g. Ctrl-C while generating)
         if "interrupted" not in this_attempt:
             this_attempt.update(done=0, skipped=0, rows=maps_file.rows, interrupted=interruption(err),
-                                error=str(err).splitlines()[0][:300] if str(err) else None)
+                                error=first_line(err))
             _record_attempt(maps_file, attempts, this_attempt)
         raise
 
@@ -310,7 +316,7 @@ def _compute_all(p: Plan, out_dir: Path, maps_file: MapsFile, attempts: List[dic
         if writer_error is not None and writer_error is not err:
             log.error("the maps writer had failed too: %r", writer_error)
         this_attempt.update(done=done, skipped=skipped, rows=maps_file.rows, interrupted=interruption(err),
-                            error=str(err).splitlines()[0][:300] if str(err) else None,
+                            error=first_line(err),
                             seconds=round(time.perf_counter() - start, 3))
         _record_attempt(maps_file, attempts, this_attempt)
         raise

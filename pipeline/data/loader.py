@@ -83,9 +83,6 @@ class Loader:
         self.prefetch = max(1, prefetch)
         self._pool: Optional[_Pool] = None
 
-    def __len__(self) -> int:
-        return -(-len(self.items) // self.batch_size)
-
     def start(self) -> "Loader":
         """Start the workers now (they begin decoding ahead while the caller gets ready); the
         first iteration takes their batches. Without workers a no-op."""

@@ -44,12 +44,13 @@ def append_bytes(columns: Dict[str, np.ndarray]) -> int:
     """An upper bound on the bytes one appended batch may add to the file: twice the raw data (lzf
     can grow incompressible data a little), one chunk per dataset (HDF5 rewrites a partly filled
     chunk elsewhere) and room for metadata."""
-    total = META_BYTES
-    for data in columns.values():
-        data = np.asarray(data)
-        raw = sum(len(str(v)) + 64 for v in data.ravel()) if data.dtype.kind in "OUS" else data.nbytes
-        total += 2 * raw + CHUNK_BYTES
-    return total
+    return META_BYTES + sum(2 * data_bytes(data) + CHUNK_BYTES for data in columns.values())
+
+
+def data_bytes(data) -> int:
+    """The bytes an array takes in the file, uncompressed: strings as their length + 64 each."""
+    data = np.asarray(data)
+    return sum(len(str(v)) + 64 for v in data.ravel()) if data.dtype.kind in "OUS" else data.nbytes
 
 
 def key_differences(old, new, prefix: str = "") -> List[str]:
@@ -196,11 +197,8 @@ class MapsFile:
         return [d for d in datasets(self.f).values() if d.maxshape and d.maxshape[0] is None]
 
     def _truncate(self) -> None:
-        """Cut every row dataset back to the committed count (drops a half-written batch)."""
-        damaged = _damage(self.f)
-        if damaged:  # never grow a dataset with blank rows
-            self.f.close()
-            raise ConfigError(f"{self.path} is damaged ({damaged}); use a new run dir (hydra.run.dir=...)")
+        """Cut every row dataset back to the committed count (drops a half-written batch; a file
+        whose counters exceed its datasets never gets here: check_resumable refuses it)."""
         for ds in self._row_datasets():
             limit = self.skipped_rows if ds.name.startswith("/skipped/") else self.rows
             if ds.shape[0] != limit:
@@ -287,8 +285,7 @@ class MapsFile:
     def write_group(self, group: str, arrays: Dict[str, np.ndarray]) -> None:
         """Fixed-size results of a data-free technique under `group`; the group is marked complete
         last, so a run killed mid-write redoes it (and `has(group)` stays False until then)."""
-        self.reserve(META_BYTES + 2 * sum(np.asarray(a).nbytes + 64 * np.asarray(a).size * (np.asarray(a).dtype.kind in "OUS")
-                                          for a in arrays.values()))
+        self.reserve(META_BYTES + 2 * sum(data_bytes(a) for a in arrays.values()))
         for stale in (group, group + ".partial"):
             if stale in self.f:
                 del self.f[stale]
@@ -305,7 +302,7 @@ class MapsFile:
     def write_once(self, name: str, data: np.ndarray) -> None:
         """A dataset that does not grow with rows (e.g. class names)."""
         if name not in self.f:
-            self.reserve(META_BYTES + 2 * data.nbytes + 64 * data.size * (data.dtype.kind in "OUS"))
+            self.reserve(META_BYTES + 2 * data_bytes(data))
             self.f.create_dataset(name, data=data.astype(object) if data.dtype.kind in "OUS" else data,
                                   dtype=STR if data.dtype.kind in "OUS" else data.dtype)
 

@@ -108,7 +108,6 @@ class Pass:
         self.ids = list(ids) if ids is not None else [f"#{n}" for n in range(x.shape[0])]
         if len(self.ids) != x.shape[0]:
             raise ValueError(f"{len(self.ids)} ids for a batch of {x.shape[0]} inputs")
-        self.generator = torch.Generator(device=x.device).manual_seed(self.seed)  # batch-level draws
         self.progress: Progress = NO_PROGRESS  # the runner sets one per technique: expanded rows are counted
         self._memo: Dict[str, Any] = {}
         self._logits: Optional[torch.Tensor] = None
