@@ -88,16 +88,24 @@ def kernel_tiles(w: torch.Tensor, o: Kernels.Options):
         n = min(o.in_channels, C_in)
         tiles = w[:, :n].reshape(C_out * n, 1, kh, kw).expand(-1, 3, -1, -1)  # grey: R = G = B
         index, channel = torch.arange(C_out).repeat_interleave(n), torch.arange(n).repeat(C_out)
-    if o.normalize == "layer":
-        scaled = 127.5 * (1 + tiles / w.abs().max().clamp_min(1e-12))
-    else:
-        lo = tiles.amin((1, 2, 3), keepdim=True)
-        span = tiles.amax((1, 2, 3), keepdim=True) - lo
-        scaled = torch.where(span > 0, 255 * (tiles - lo) / span.clamp_min(1e-12), torch.full_like(tiles, 128.0))
-    images = scaled.round().clamp(0, 255).to(torch.uint8)
-    f = max(1, o.size // max(kh, kw))
-    images = images.repeat_interleave(f, 2).repeat_interleave(f, 3)
-    return images, index, channel
+    return enlarge(to_grey_levels(tiles, o.normalize, w.abs().max()), o.size // max(kh, kw)), index, channel
+
+
+def to_grey_levels(tiles: torch.Tensor, normalize: str, layer_max: torch.Tensor) -> torch.Tensor:
+    """Weights -> 0..255: `layer` scales symmetrically by the layer's largest |weight| (0 is
+    mid-grey), `tile` min-max scales each tile (a flat tile is mid-grey). tiles [M, ...]."""
+    if normalize == "layer":
+        return 127.5 * (1 + tiles / layer_max.clamp_min(1e-12))
+    dims = tuple(range(1, tiles.dim()))
+    lo = tiles.amin(dims, keepdim=True)
+    span = tiles.amax(dims, keepdim=True) - lo
+    return torch.where(span > 0, 255 * (tiles - lo) / span.clamp_min(1e-12), torch.full_like(tiles, 128.0))
+
+
+def enlarge(levels: torch.Tensor, factor: int) -> torch.Tensor:
+    """[M, 3, h, w] levels -> uint8 tiles enlarged by nearest repetition (factor >= 1)."""
+    f = max(1, factor)
+    return levels.round().clamp(0, 255).to(torch.uint8).repeat_interleave(f, 2).repeat_interleave(f, 3)
 
 
 MATRIX_BLOCK = 64  # most rows / columns of a 1x1 layer's weight matrix in one tile (>= 2.5 px a weight at 160 px)
@@ -119,23 +127,15 @@ def matrix_tiles(w: torch.Tensor, o: Kernels.Options, layer: str):
     W = w[:, :, 0, 0]
     C_out, C_in = W.shape
     side = block_side(C_out, C_in)
-    scale = W.abs().max().clamp_min(1e-12)
     images, index, channel, titles = [], [], [], []
     for r in range(0, C_out, side):
         for c in range(0, C_in, side):
             block = W[r:r + side, c:c + side]
-            if o.normalize == "layer":
-                values = 127.5 * (1 + block / scale)
-            else:
-                lo, span = block.min(), block.max() - block.min()
-                values = 255 * (block - lo) / span if span > 0 else torch.full_like(block, 128.0)
             tile = torch.full((side, side), 255.0)  # beyond the matrix: white
-            tile[:block.shape[0], :block.shape[1]] = values
+            tile[:block.shape[0], :block.shape[1]] = to_grey_levels(block[None], o.normalize, W.abs().max())[0]
             images.append(tile)
             index.append(r)
             channel.append(c)
             titles.append(f"{layer} · 1x1\nout {r}-{r + block.shape[0] - 1} · in {c}-{c + block.shape[1] - 1}")
-    f = max(1, o.size // side)
-    images = torch.stack(images).round().clamp(0, 255).to(torch.uint8)[:, None].repeat(1, 3, 1, 1)
-    images = images.repeat_interleave(f, 2).repeat_interleave(f, 3)
+    images = enlarge(torch.stack(images)[:, None].repeat(1, 3, 1, 1), o.size // side)
     return images, torch.tensor(index), torch.tensor(channel), titles
