@@ -17,7 +17,8 @@ from pipeline.cli import group_override_errors, register_help_resolver, say, wri
 from pipeline.config import CONF_DIR, ConfigError, register_configs
 from pipeline.data import resolve_shard
 from pipeline.errors import RunError
-from pipeline.runner import Terminated, run
+from pipeline.interrupts import Terminated
+from pipeline.runner import run
 
 register_configs()
 register_help_resolver()

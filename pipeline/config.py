@@ -91,6 +91,11 @@ class EvaluateConfig:
 
 
 @dataclass
+class StoreConfig:
+    dtype: str = "float32"  # float32 | float16: floating-point maps in maps.h5 (float16: half the bytes)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -104,6 +109,7 @@ class Config:
     num_workers: int = 2
     render: RenderConfig = field(default_factory=RenderConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
 
 MODEL_KINDS = ("efficientnet_lite0", "torchvision", "timm", "checkpoint")
@@ -219,6 +225,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"model.interpolation={cfg.model.interpolation!r}: area, bilinear or bicubic")
     if (m.mean is not None and len(m.mean) != 3) or (m.std is not None and (len(m.std) != 3 or min(m.std) <= 0)):
         raise ConfigError("model.mean and model.std need three values, std > 0")
+    if cfg.store.dtype not in ("float32", "float16"):
+        raise ConfigError(f"store.dtype={cfg.store.dtype!r}: expected float32 or float16")
     if cfg.evaluate.steps < 1 or cfg.evaluate.sanity_steps < 1:
         raise ConfigError("evaluate.steps and evaluate.sanity_steps must be at least 1")
     if not cfg.technique:

@@ -42,3 +42,36 @@ class _NoProgress(Progress):
 
 
 NO_PROGRESS = _NoProgress()
+
+
+def follow(bar, done: float, total: float) -> None:
+    """Show a Progress on a tqdm bar (its total grows as work is announced)."""
+    total, done = (int(v) if float(v).is_integer() else v for v in (total, done))
+    if total != bar.total:
+        bar.total = total
+        bar.refresh()
+    if done > bar.n:
+        bar.update(done - bar.n)
+
+
+class BatchProgress:
+    """Moves the images bar within a batch of n inputs: the batch's work is split into `slots`
+    equal parts (one per technique, one per evaluated heatmap, one for the sanity check), and a
+    slot's Progress (the rows of its expanded batches) moves the bar through its part."""
+
+    def __init__(self, bar, n: int, slots: int):
+        self.bar, self.n, self.slots = bar, n, max(1, slots)
+        self.position = 0.0  # inputs of this batch shown as done
+
+    def slot(self, index: int) -> Progress:
+        return Progress(lambda done, total: self.reach(index + (min(1.0, done / total) if total else 0.0)))
+
+    def reach(self, slots_done: float) -> None:
+        """Show `slots_done` of the batch's slots as done (the bar never moves back)."""
+        position = self.n * min(1.0, slots_done / self.slots)
+        if position > self.position + 1e-9:
+            self.bar.update(position - self.position)
+            self.position = position
+
+    def finish(self) -> None:
+        self.reach(self.slots)

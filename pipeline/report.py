@@ -21,15 +21,13 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import quote
 
-import h5py
 import numpy as np
 import yaml
 
-from pipeline.io.h5 import decode_strings
+from pipeline.store import MAPS, Column, open_run
 
-BLOCK_BYTES = 32 << 20  # rows read at a time for the statistics: about this many bytes
-NOT_ROWS = ("skipped", "classes", "receptive_fields", "summary")  # top-level groups that hold no map rows
 MAX_IMAGES = 12
+BLOCK_BYTES = 32 << 20  # rows read at a time for the statistics: about this many bytes
 
 
 class ReportError(Exception):
@@ -101,46 +99,17 @@ class Stats:
         self.std = math.sqrt(self._m2 / self.count)
 
 
-def map_datasets(f: h5py.File) -> List[str]:
-    """Row datasets of maps: `<technique>/<layer>/<output>` that grow with rows and hold numbers
-    (not id/source/frame/target/score/logit, skipped records, class names, receptive fields,
-    summaries or the fixed-size groups of data-free techniques)."""
-    names: List[str] = []
-
-    def visit(name: str, obj) -> None:
-        if not isinstance(obj, h5py.Dataset) or name.count("/") < 2 or name.split("/")[0] in NOT_ROWS:
-            return
-        if not obj.maxshape or obj.maxshape[0] is not None:
-            return  # fixed size: not a row dataset
-        if obj.dtype.kind in "fu":  # float maps, and uint8 images (deepdream, inversion)
-            names.append(name)
-
-    f.visititems(visit)
-    return sorted(names, key=natural_key)
-
-
-def dataset_stats(ds: h5py.Dataset, rows: int) -> Stats:
-    rows = min(rows, ds.shape[0])
-    stats = Stats(ds.name.lstrip("/"), (rows,) + tuple(ds.shape[1:]), str(ds.dtype))
-    row_bytes = max(1, int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
-    step = max(1, BLOCK_BYTES // row_bytes)
-    chunk_rows = ds.chunks[0] if ds.chunks else 1
-    if step > chunk_rows:  # whole HDF5 chunks per block: each chunk is decompressed once
-        step -= step % chunk_rows
-    for start in range(0, rows, step):
-        stats.add(ds[start:min(rows, start + step)])
+def column_stats(col: Column) -> Stats:
+    """Statistics of a row dataset's committed rows, a block of rows at a time."""
+    stats = Stats(col.name, col.shape, col.stored_dtype)
+    for _, block in col.blocks(BLOCK_BYTES):
+        stats.add(block)
     return stats
 
 
-def _attr(attrs, name: str, default=None):
-    if name not in attrs:
-        return default
-    value = attrs[name]
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+def dataset_stats(ds, rows: int) -> Stats:
+    """column_stats of the first `rows` rows of an (h5py) dataset."""
+    return column_stats(Column(ds, rows))
 
 
 def _json(text, default):
@@ -165,7 +134,10 @@ class Run:
     name: str  # path relative to the report's dir (sweep) or the dir's name (single run)
     anchor: str
     overrides: Optional[List[str]] = None  # None: no .hydra/overrides.yaml
-    attrs: Dict[str, object] = field(default_factory=dict)
+    attrs: Dict[str, object] = field(default_factory=dict)  # provenance (model, layers, git commit, ...) and config
+    rows: Optional[int] = None  # committed rows; None: maps.h5 unreadable
+    skipped_rows: Optional[int] = None
+    shard: str = ""
     attempts: List[dict] = field(default_factory=list)
     skipped: List[Tuple[str, str, str, str]] = field(default_factory=list)
     stats: List[Stats] = field(default_factory=list)
@@ -207,21 +179,17 @@ def read_run(run_dir: Path, name: str, anchor: str) -> Run:
     run = Run(run_dir, name, anchor, overrides=read_overrides(run_dir))
     pngs: Optional[List[Tuple[str, str]]] = None  # (id, PNG name) per row; None: a run file without them
     try:
-        with h5py.File(run_dir / "maps.h5", "r", locking=False) as f:
-            run.attrs = {key: _attr(f.attrs, key) for key in f.attrs}
-            rows = int(run.attrs.get("rows") or 0)
-            skipped_rows = int(run.attrs.get("skipped_rows") or 0)
-            run.attempts = [a for a in _json(run.attrs.get("attempts"), []) if isinstance(a, dict)]
-            if "skipped/id" in f:
-                n = min(skipped_rows, f["skipped/id"].shape[0])
-                columns = [decode_strings(f[f"skipped/{c}"][:n]) if f"skipped/{c}" in f else [""] * n
-                           for c in ("id", "source", "frame", "reason")]
-                run.skipped = list(zip(*columns))
-            run.stats = [dataset_stats(f[name], rows) for name in map_datasets(f)]
-            if "png" in f and "id" in f:  # each row's PNG name, as the writer recorded it
-                pngs = list(zip(decode_strings(f["id"][:rows]), decode_strings(f["png"][:rows])))
+        with open_run(run_dir) as f:
+            run.attrs = {**f.provenance(), "config": f.config} if f.config is not None else f.provenance()
+            run.rows, run.skipped_rows = f.rows, f.skipped_rows
+            run.shard = f.shard if f.is_pipeline_run else ""
+            run.attempts = f.attempts()
+            run.skipped = [(s.id, s.source, str(s.frame), s.reason) for s in f.skipped()]
+            run.stats = [column_stats(col) for name, col in sorted(f.map_columns().items(),
+                                                                    key=lambda kv: natural_key(kv[0]))]
+            pngs = f.pngs()
     except (OSError, KeyError, ValueError, RuntimeError) as err:  # unreadable or half-written
-        run.error = f"cannot read {run_dir / 'maps.h5'}: {err}"
+        run.error = f"cannot read {run_dir / MAPS}: {err}"
     if "config" not in run.attrs and (run_dir / ".hydra" / "config.yaml").is_file():
         run.attrs["config"] = (run_dir / ".hydra" / "config.yaml").read_text()
     png = run_dir / "png"
@@ -367,8 +335,8 @@ def run_section(run: Run, base: Path, max_images: int, level: int = 2) -> str:
                     else ' <span class="muted">clean</span>'))
     out.append(facts([
         ("directory", Raw(f"<code>{esc(run.path)}</code>")),
-        ("model", a.get("model", "")), ("layers", a.get("layers", "")), ("shard", a.get("shard", "")),
-        ("rows", fmt(a.get("rows"))), ("skipped", fmt(a.get("skipped_rows", 0))),
+        ("model", a.get("model", "")), ("layers", a.get("layers", "")), ("shard", run.shard),
+        ("rows", fmt(run.rows)), ("skipped", fmt(run.skipped_rows or 0)),
         ("git commit", commit), ("device", a.get("device", "(not recorded)")),
         ("seed", fmt(a.get("seed", "(not recorded)"))), ("host", a.get("host", "(not recorded)")),
         ("command", Raw(f"<code>{esc(a.get('command', '(not recorded)'))}</code>")),
@@ -457,8 +425,8 @@ def sweep_table(runs: Sequence[Run]) -> Tuple[List[str], str]:
         link = Raw(f'<a href="#{esc(run.anchor)}">{esc(run.name)}</a>')
         if run.error:
             means = Raw(f'<span class="error">{esc(run.error)}</span>')
-        rows.append([link, *(values.get(k, "") for k in keys), fmt(run.attrs.get("rows")),
-                     fmt(run.attrs.get("skipped_rows", 0 if not run.error else None)), fmt(run.images_per_s), means])
+        rows.append([link, *(values.get(k, "") for k in keys), fmt(run.rows), fmt(run.skipped_rows),
+                     fmt(run.images_per_s), means])
     n = len(keys)
     same = ("<p>Same in every run: " + " ".join(f"<code>{esc(c)}</code>" for c in common) + "</p>") if common else ""
     return keys, same + table(head, rows, numeric=(n + 1, n + 2, n + 3))

@@ -18,33 +18,28 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-import h5py
 import numpy as np
 from omegaconf import OmegaConf
 
 from pipeline.config import Config, ConfigError, register_configs
-from pipeline.io.h5 import datasets, decode_strings
+from pipeline.store import MAPS, open_run
 
 EXCLUDE = ("id",)  # the key rows are matched on
 
 
 def recorded_config(run_dir: Path):
     """The resolved config stored in run_dir/maps.h5, typed by the schema."""
-    path = run_dir / "maps.h5"
+    path = run_dir / MAPS
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no maps.h5")
-    with h5py.File(path, "r", locking=False) as f:
-        text = f.attrs.get("config")
+    try:
+        with open_run(path) as f:
+            text = f.config
+    except OSError as err:
+        raise ConfigError(f"{path} cannot be read ({err})") from None
     if not text:
         raise ConfigError(f"{path} records no config")
     return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
-
-
-def _values(ds: h5py.Dataset, n: Optional[int]) -> np.ndarray:
-    data = ds[:n] if n is not None else ds[()]
-    if ds.dtype.kind in "OS":
-        data = np.asarray(decode_strings(np.ravel(data)), dtype=object).reshape(np.shape(data))
-    return np.asarray(data)
 
 
 def _difference(a: np.ndarray, b: np.ndarray) -> float:
@@ -63,19 +58,15 @@ def _difference(a: np.ndarray, b: np.ndarray) -> float:
 def compare(a_path: Path, b_path: Path) -> List[Tuple[str, float, str]]:
     """[(dataset, max |a - b|, note)] for every dataset in either file; rows matched by id."""
     out: List[Tuple[str, float, str]] = []
-    with h5py.File(a_path, "r", locking=False) as fa, h5py.File(b_path, "r", locking=False) as fb:
-        rows_a, rows_b = int(fa.attrs.get("rows", 0)), int(fb.attrs.get("rows", 0))
-        skip_a, skip_b = int(fa.attrs.get("skipped_rows", 0)), int(fb.attrs.get("skipped_rows", 0))
-        da, db = datasets(fa), datasets(fb)
-        ids_a = list(_values(fa["id"], rows_a)) if "id" in fa else []
-        ids_b = list(_values(fb["id"], rows_b)) if "id" in fb else []
+    with open_run(a_path) as fa, open_run(b_path) as fb:
+        da, db = fa.columns(), fb.columns()
+        ids_a, ids_b = fa.ids(), fb.ids()
         if sorted(ids_a) != sorted(ids_b):
             only = sorted(set(ids_a) ^ set(ids_b))
             out.append(("id", float("inf"), f"inputs differ: {only[:10]}"))
-        common = [i for i in ids_a if i in set(ids_b)]
         pos_b = {i: k for k, i in enumerate(ids_b)}
         order_a = np.array([k for k, i in enumerate(ids_a) if i in pos_b], dtype=np.int64)
-        order_b = np.array([pos_b[i] for i in common], dtype=np.int64)
+        order_b = np.array([pos_b[i] for i in ids_a if i in pos_b], dtype=np.int64)
         for name in sorted(set(da) | set(db)):
             if name in EXCLUDE:
                 continue
@@ -83,16 +74,15 @@ def compare(a_path: Path, b_path: Path) -> List[Tuple[str, float, str]]:
                 out.append((name, float("inf"), "only in the " + ("original" if name in da else "reproduction")))
                 continue
             a, b = da[name], db[name]
-            rowwise = bool(a.maxshape and a.maxshape[0] is None)
             if name.startswith("skipped/"):
-                va, vb = _values(a, skip_a), _values(b, skip_b)
-                diff = 0.0 if sorted(map(str, va)) == sorted(map(str, vb)) else float("inf")
-                out.append((name, diff, "as a set"))
-            elif rowwise:
-                va, vb = _values(a, rows_a), _values(b, rows_b)
-                out.append((name, _difference(va[order_a] if len(order_a) else va[:0], vb[order_b] if len(order_b) else vb[:0]), ""))
+                same = sorted(map(str, a.read())) == sorted(map(str, b.read()))
+                out.append((name, 0.0 if same else float("inf"), "as a set"))
+            elif a.is_rows:
+                va, vb = np.asarray(a.read()), np.asarray(b.read())
+                out.append((name, _difference(va[order_a] if len(order_a) else va[:0],
+                                              vb[order_b] if len(order_b) else vb[:0]), ""))
             else:
-                out.append((name, _difference(_values(a, None), _values(b, None)), ""))
+                out.append((name, _difference(np.asarray(a.read()), np.asarray(b.read())), ""))
     return out
 
 

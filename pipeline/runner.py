@@ -2,13 +2,10 @@
 into the async HDF5/PNG writer. Re-running into the same dir skips inputs already in maps.h5."""
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 import logging
 import math
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,16 +21,17 @@ from pipeline.data import Source, build_source, resolve_shard
 from pipeline.data.loader import Loader
 from pipeline.errors import RunError
 from pipeline.evaluation import SanityCheck, deletion_insertion, heatmaps
-from pipeline.io.h5 import MapsFile
+from pipeline.interrupts import first_line, interruption, sigterm_as_interrupt
 from pipeline.io.lock import RunDirLock
 from pipeline.io.plots import write_plots
-from pipeline.io.render import render_gallery, render_summary
 from pipeline.io.space import remove_stale_temporaries
 from pipeline.io.writer import AsyncWriter, BatchRecord
 from pipeline.models import LoadedModel, build_model, last_conv_block, probe_shapes, resolve_layers
-from pipeline.progress import NO_PROGRESS, Progress
+from pipeline.progress import NO_PROGRESS, BatchProgress
 from pipeline.provenance import attempt, command_line, provenance
-from pipeline.rf.table import field_table, table_arrays
+from pipeline.runlevel import generate_all, write_field_table, write_summaries
+from pipeline.store import MapsFile
+from pipeline.summaries import Summaries
 from pipeline.targets import TargetSpec
 from pipeline.techniques import Pass, Technique, get_technique
 
@@ -160,6 +158,7 @@ def run_key(p: Plan) -> dict:
         "layers": p.layers,
         "target": str(p.cfg.target),
         "evaluate": OmegaConf.to_container(p.cfg.evaluate, resolve=True),
+        "store": OmegaConf.to_container(p.cfg.store, resolve=True),
     }
 
 
@@ -167,49 +166,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (kill, scancel), handled like Ctrl-C: the run stops, its attempt recorded as interrupted."""
-
-    signum = signal.SIGTERM
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Within the block, SIGTERM raises Terminated in the main thread, unless something else (e.g.
-    submitit, which has its own preemption handling) already handles SIGTERM. A second SIGTERM
-    while the run winds down kills it at once (the commits make that safe too)."""
-    def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise Terminated(f"terminated by {signal.Signals(signum).name}")
-
-    try:
-        installed = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-        if installed:
-            signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        installed = False
-    try:
-        yield
-    finally:
-        if installed:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def interruption(err: BaseException) -> str:
-    """How an attempt ended early, for its record: SIGTERM, SIGINT or the exception's class."""
-    if isinstance(err, Terminated):
-        return "SIGTERM"
-    if isinstance(err, KeyboardInterrupt):
-        return "SIGINT"
-    return type(err).__name__
-
-
-def first_line(err: BaseException) -> Optional[str]:
-    """An exception's message for an attempt record: its first line, at most 300 characters."""
-    text = str(err)
-    return text.splitlines()[0][:300] if text else None
 
 
 def run(cfg, out_dir: str | Path, command: Optional[str] = None,
@@ -228,195 +184,158 @@ def run(cfg, out_dir: str | Path, command: Optional[str] = None,
 
 
 def _run(p: Plan, out_dir: Path, command: Optional[str], on_start: Optional[Callable[[], None]]) -> Summary:
-    cfg = p.cfg
-    seed_everything(cfg.seed)
+    """Open (or resume) maps.h5 once, record this attempt, do the work; an attempt stopped early
+    is recorded as interrupted, with how far it got."""
+    seed_everything(p.cfg.seed)
     remove_stale_temporaries(out_dir / "png")  # left by a run killed mid-write (we hold the lock)
-    attrs = {"config": OmegaConf.to_yaml(cfg, resolve=True), "model": p.model.description,
-             "layers": ",".join(p.layers), "shard": cfg.data.shard, **provenance(p.device, cfg.seed, command)}
-    if p.sanity:
-        attrs["sanity_labels"] = p.sanity.labels
-    maps_file = MapsFile(out_dir / "maps.h5", run_key(p), attrs)
+    maps_file = _open_maps(p, out_dir, command)
     try:
-        return _run_into(p, out_dir, command, on_start, maps_file)
+        if on_start is not None:
+            on_start()
+        record = AttemptRecord(maps_file, attempt(p.device, command))
+        try:
+            return _work(p, out_dir, maps_file, record)
+        except BaseException as err:  # stopped before the per-input loop (e.g. Ctrl-C while generating)
+            record.stopped(err, done=0, skipped=0)
+            raise
     finally:
         maps_file.close()
 
 
-def _run_into(p: Plan, out_dir: Path, command: Optional[str], on_start, maps_file: MapsFile) -> Summary:
+def _open_maps(p: Plan, out_dir: Path, command: Optional[str]) -> MapsFile:
     cfg = p.cfg
-    if on_start is not None:
-        on_start()
-    this_attempt = attempt(p.device, command)
-    attempts = json.loads(maps_file.f.attrs.get("attempts", "[]")) + [this_attempt]
-    maps_file.set_attr("attempts", json.dumps(attempts))
+    attrs = {"model": p.model.description, "layers": ",".join(p.layers), **provenance(p.device, cfg.seed, command)}
+    if p.sanity:
+        attrs["sanity_labels"] = p.sanity.labels
+    return MapsFile(out_dir / "maps.h5", run_key(p), attrs, dtype=cfg.store.dtype,
+                    config=OmegaConf.to_yaml(cfg, resolve=True), shard=cfg.data.shard)
+
+
+class AttemptRecord:
+    """This attempt's entry (the last) in maps.h5's attempts record, rewritten as the run goes;
+    on a full disk the final record is logged instead (the rows stay as committed)."""
+
+    def __init__(self, maps_file: MapsFile, record: dict):
+        self.file, self.record = maps_file, record
+        self.attempts = maps_file.attempts() + [record]
+        maps_file.record_attempts(self.attempts)
+
+    def finished(self, **fields) -> None:
+        self.record.update(finished=True, rows=self.file.rows, **fields)
+        self._write()
+
+    def stopped(self, err: BaseException, **fields) -> None:
+        """Interrupted (a signal, Ctrl-C, preemption) or failed; only the first call counts."""
+        if "interrupted" in self.record:
+            return
+        self.record.update(rows=self.file.rows, interrupted=interruption(err), error=first_line(err), **fields)
+        self._write()
+
+    def _write(self) -> None:
+        try:
+            self.file.record_attempts(self.attempts)
+        except RunError as err:
+            log.warning("this attempt could not be recorded in maps.h5: %s", err)
+
+
+def _work(p: Plan, out_dir: Path, maps_file: MapsFile, record: AttemptRecord) -> Summary:
+    """Run-level records first (class names, receptive fields, data-free techniques), then the inputs."""
     if p.model.class_names:
-        maps_file.write_once("classes", np.array(p.model.class_names, dtype=object))
+        maps_file.write_classes(p.model.class_names)
+    write_field_table(p, maps_file)
+    generated = generate_all(p, maps_file, out_dir)
     per_input = {name: t for name, t in p.techniques.items() if t.uses_data}
+    if not per_input:  # data-free techniques only: nothing to decode
+        record.finished(done=0, skipped=0, generated=generated)
+        return Summary(out_dir, 0, maps_file.rows, 0, 0.0, math.nan, 0, generated, per_input=False)
+    return _inputs(p, out_dir, maps_file, record, per_input, generated)
+
+
+def _inputs(p: Plan, out_dir: Path, maps_file: MapsFile, record: AttemptRecord, per_input: Dict[str, Technique],
+            generated: List[str]) -> Summary:
+    """Every input not yet in maps.h5 through the per-input techniques, then the summaries."""
+    cfg = p.cfg
     done_ids = maps_file.done_ids()
-    todo = [it for it in p.source.items if it.id not in done_ids] if per_input else []
-    pre_skipped = [s for s in p.source.skipped if s.id not in done_ids] if per_input else []
+    todo = [it for it in p.source.items if it.id not in done_ids]
+    pre_skipped = [s for s in p.source.skipped if s.id not in done_ids]
+    if done_ids:
+        log.info("resuming %s: %d inputs already done, %d to go", out_dir, len(done_ids), len(todo))
+    log.info("model %s on %s; layers %s; techniques %s; %d inputs", p.model.description, p.device,
+             p.layers, list(p.techniques), len(todo))
+    summaries = Summaries(per_input)
+    if summaries and maps_file.rows:
+        summaries.resume(maps_file.reader())
     # large JPEGs may be decoded at reduced size (data.reduced_decode); not with a crop box, which is in full-size pixels
     min_side = p.model.preprocess.resize if cfg.data.crop is None and cfg.data.reduced_decode else None
     loader = Loader(p.source, todo, cfg.data.crop, p.model.preprocess, cfg.batch_size, cfg.num_workers, min_side)
+    count = Count()
     try:
-        _write_field_table(p, maps_file)
-        generated = _generate(p, maps_file, out_dir)
-        if not per_input:  # data-free techniques only: nothing to decode
-            summary = Summary(out_dir, 0, maps_file.rows, 0, 0.0, math.nan, 0, generated, per_input=False)
-            this_attempt.update(finished=True, done=0, skipped=0, rows=maps_file.rows, generated=generated)
-            _record_attempt(maps_file, attempts, this_attempt)
-            return summary
-        if done_ids:
-            log.info("resuming %s: %d inputs already done, %d to go", out_dir, len(done_ids), len(todo))
-        log.info("model %s on %s; layers %s; techniques %s; %d inputs", p.model.description, p.device,
-                 p.layers, list(p.techniques), len(todo))
         with loader:  # the decoder processes start here: their start-up counts in images/s
-            return _compute_all(p, out_dir, maps_file, attempts, this_attempt, loader, per_input, pre_skipped,
-                                generated)
-    except BaseException as err:  # stopped before the per-input loop (e.g. Ctrl-C while generating)
-        if "interrupted" not in this_attempt:
-            this_attempt.update(done=0, skipped=0, rows=maps_file.rows, interrupted=interruption(err),
-                                error=first_line(err))
-            _record_attempt(maps_file, attempts, this_attempt)
+            pngs = _compute_all(p, out_dir, maps_file, loader, per_input, pre_skipped, summaries, count)
+    except BaseException as err:
+        record.stopped(err, done=count.done, skipped=count.skipped, seconds=round(count.seconds(), 3))
         raise
+    seconds = count.seconds()
+    write_summaries(p, out_dir, summaries, maps_file)
+    summary = Summary(out_dir, count.done, maps_file.rows, count.skipped, seconds,
+                      count.done / seconds if seconds > 0 else math.nan, pngs, generated)
+    record.finished(done=count.done, skipped=count.skipped, seconds=round(seconds, 3),
+                    images_per_s=float(f"{summary.images_per_s:.4g}") if count.done else None)  # never 0.0
+    if cfg.evaluate.deletion or cfg.evaluate.insertion or cfg.evaluate.sanity:
+        for path in write_plots(out_dir, maps_file.reader()):
+            log.info("wrote %s", path)
+    return summary
 
 
-def _compute_all(p: Plan, out_dir: Path, maps_file: MapsFile, attempts: List[dict], this_attempt: dict,
-                 loader: Loader, per_input: Dict[str, Technique], pre_skipped: list, generated: List[str]) -> Summary:
-    """The per-input loop: batches from the loader through every technique into the writer."""
-    cfg = p.cfg
-    kinds = {name: dict(t.outputs) for name, t in per_input.items()}
-    writer = AsyncWriter(maps_file, out_dir, cfg.render, kinds, p.model.class_name,
-                         draw={name: t.draw() for name, t in per_input.items()})
-    skipped = len(pre_skipped)
-    done = 0
-    start = time.perf_counter()
+@dataclass
+class Count:
+    """How far the per-input loop got: inputs computed, skipped records added, since `start`."""
+
+    done: int = 0
+    skipped: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def _compute_all(p: Plan, out_dir: Path, maps_file: MapsFile, loader: Loader, per_input: Dict[str, Technique],
+                 pre_skipped: list, summaries: Summaries, count: Count) -> int:
+    """The per-input loop: batches from the loader through every technique into the writer;
+    returns the PNGs written. On an error the writer is stopped (its own error logged) first."""
+    writer = AsyncWriter(maps_file, out_dir, p.cfg.render, {name: dict(t.outputs) for name, t in per_input.items()},
+                         p.model.class_name, draw={name: t.draw() for name, t in per_input.items()},
+                         summaries=summaries)
     try:
-        for s in pre_skipped:
-            log.warning("skipped %s: %s", s.id, s.reason)
-        if pre_skipped:
-            writer.put(pre_skipped)
+        _skip(writer, pre_skipped, count)
         slots = _slots(p, per_input)
         with tqdm(total=len(loader.items), unit="img", desc="pipeline", mininterval=1.0,
                   bar_format=BAR_FORMAT) as bar:
             for batch in loader:
-                for s in batch.skipped:
-                    log.warning("skipped %s: %s", s.id, s.reason)
                 if batch.skipped:
-                    writer.put(batch.skipped)
-                    skipped += len(batch.skipped)
+                    _skip(writer, batch.skipped, count)
                     bar.update(len(batch.skipped))
                 if batch.items:
                     progress = BatchProgress(bar, len(batch.items), slots)
                     writer.put(_compute(p, batch, progress))
                     progress.finish()
-                    done += len(batch.items)
-    except BaseException as err:  # interrupted (a signal, Ctrl-C, preemption) or failed: record how far it got
+                    count.done += len(batch.items)
+    except BaseException as err:
         writer_error = writer.abort()
         if writer_error is not None and writer_error is not err:
             log.error("the maps writer had failed too: %r", writer_error)
-        this_attempt.update(done=done, skipped=skipped, rows=maps_file.rows, interrupted=interruption(err),
-                            error=first_line(err),
-                            seconds=round(time.perf_counter() - start, 3))
-        _record_attempt(maps_file, attempts, this_attempt)
         raise
     writer.close()
-    seconds = time.perf_counter() - start
-    _summarize(p, out_dir, per_input, maps_file)
-    summary = Summary(out_dir, done, maps_file.rows, skipped, seconds,
-                      done / seconds if seconds > 0 else math.nan, writer.pngs, generated)
-    this_attempt.update(finished=True, done=done, skipped=skipped, rows=summary.rows, seconds=round(seconds, 3),
-                        images_per_s=float(f"{summary.images_per_s:.4g}") if done else None)  # significant digits: never 0.0
-    _record_attempt(maps_file, attempts, this_attempt)
-    if cfg.evaluate.deletion or cfg.evaluate.insertion or cfg.evaluate.sanity:
-        maps_file.close()
-        for path in write_plots(out_dir, out_dir / "maps.h5"):
-            log.info("wrote %s", path)
-    return summary
+    return writer.pngs
 
 
-def _record_attempt(maps_file: MapsFile, attempts: List[dict], record: dict) -> None:
-    """Replace this attempt's entry (the last) in the `attempts` attribute with its final record;
-    on a full disk it is logged instead (the rows stay as committed)."""
-    attempts[-1:] = [record]
-    try:
-        maps_file.set_attr("attempts", json.dumps(attempts))
-    except RunError as err:
-        log.warning("this attempt could not be recorded in maps.h5: %s", err)
-
-
-def _generate(p: Plan, maps_file: MapsFile, out_dir: Path) -> List[str]:
-    """Data-free techniques (kernels, filter / class visualization): once per run, before the
-    inputs, each with a progress bar over its optimization steps; a group already complete in
-    maps.h5 (a resumed run) is not computed again. Returns what was generated, one line each."""
-    made: List[str] = []
-    for name, technique in p.techniques.items():
-        if technique.uses_data:
-            continue
-        if maps_file.has(name):  # complete from an earlier attempt; draw its PNG if that run died before
-            if p.cfg.render.png and not (out_dir / "png" / f"{name}.png").is_file():
-                render_gallery(out_dir, name, maps_file.group_arrays(name), p.cfg.render)
-            continue
-        log.info("%s: generating (no input data needed)", name)
-        generator = torch.Generator(device=p.device).manual_seed(p.cfg.seed)
-        start = time.perf_counter()
-        with tqdm(total=0, unit="step", desc=name, mininterval=1.0) as bar:
-            results = technique.generate(p.model.module, p.layers if technique.uses_layers else [],
-                                         device=p.device, generator=generator, max_batch=p.cfg.max_batch,
-                                         class_names=p.model.class_names, preprocess=p.model.preprocess,
-                                         progress=Progress(lambda done, total: _follow(bar, done, total)))
-        seconds = time.perf_counter() - start
-        arrays = {key: t.detach().cpu().numpy() if torch.is_tensor(t) else np.asarray(t) for key, t in results.items()}
-        maps_file.write_group(name, {f"{layer}/{output}": a for (layer, output), a in arrays.items()})
-        made.append(f"{name} ({describe_generated(arrays)}) in {seconds:.3g} s")
-        log.info("generated %s", made[-1])
-        if p.cfg.render.png and render_gallery(out_dir, name, arrays, p.cfg.render):
-            log.info("wrote %s", out_dir / "png" / f"{name}.png")
-    return made
-
-
-def _follow(bar, done: float, total: float) -> None:
-    """Show a Progress on a tqdm bar (its total grows as work is announced)."""
-    total, done = (int(v) if float(v).is_integer() else v for v in (total, done))
-    if total != bar.total:
-        bar.total = total
-        bar.refresh()
-    if done > bar.n:
-        bar.update(done - bar.n)
-
-
-def describe_generated(arrays: Dict[tuple, np.ndarray]) -> str:
-    """"112 images of blocks.4, 2 images of logits": what a data-free technique made, per layer."""
-    parts = [f"{len(a)} images of {layer}" for (layer, output), a in arrays.items() if output == "images"]
-    return ", ".join(parts) or f"{len(arrays)} arrays"
-
-
-def _write_field_table(p: Plan, maps_file: MapsFile) -> None:
-    """The model's receptive-field table (pipeline.rf) in maps.h5, once; skipped with a log line
-    for a model that cannot be traced."""
-    if maps_file.has("receptive_fields") or isinstance(p.model.module, torch.jit.ScriptModule):
-        return
-    try:
-        rows = field_table(p.model.support_graph())
-    except Exception as err:  # noqa: BLE001 - the table is extra information, never a reason to stop
-        log.info("no receptive-field table: %s", err)
-        return
-    maps_file.write_group("receptive_fields", table_arrays(rows))
-
-
-def _summarize(p: Plan, out_dir: Path, techniques: Dict[str, Technique], maps_file: MapsFile) -> None:
-    """Run-level summaries (e.g. the mean effective receptive field) from all rows in maps.h5, so a
-    resumed run summarizes every input once; written under summary/<technique>/ and drawn."""
-    for name, technique in techniques.items():
-        if not technique.has_summary:
-            continue
-        rows = maps_file.technique_rows(name)
-        if not rows or maps_file.rows == 0:
-            continue
-        arrays = {key: np.asarray(a) for key, a in technique.summarize(rows).items()}
-        maps_file.write_group(f"summary/{name}", {f"{layer}/{output}": a for (layer, output), a in arrays.items()})
-        if p.cfg.render.png and render_summary(out_dir, name, arrays, technique.draw(), p.cfg.render):
-            log.info("wrote %s", out_dir / "png" / f"{name}.png")
+def _skip(writer: AsyncWriter, records: list, count: Count) -> None:
+    """Skipped records: a warning each, then into maps.h5 through the writer."""
+    for s in records:
+        log.warning("skipped %s: %s", s.id, s.reason)
+    if records:
+        writer.put(records)
+        count.skipped += len(records)
 
 
 def _evaluate(p: Plan, x, maps, targets, ids, progress: Optional[BatchProgress] = None, slot: int = 0) -> dict:
@@ -438,29 +357,6 @@ def _evaluate(p: Plan, x, maps, targets, ids, progress: Optional[BatchProgress] 
         for (name, layer, output), values in correlations.items():
             out[name, layer, f"{output}.sanity"] = values
     return out
-
-
-class BatchProgress:
-    """Moves the images bar within a batch of n inputs: the batch's work is split into `slots`
-    equal parts (one per technique, one per evaluated heatmap, one for the sanity check), and a
-    slot's Progress (the rows of its expanded batches) moves the bar through its part."""
-
-    def __init__(self, bar, n: int, slots: int):
-        self.bar, self.n, self.slots = bar, n, max(1, slots)
-        self.position = 0.0  # inputs of this batch shown as done
-
-    def slot(self, index: int) -> Progress:
-        return Progress(lambda done, total: self.reach(index + (min(1.0, done / total) if total else 0.0)))
-
-    def reach(self, slots_done: float) -> None:
-        """Show `slots_done` of the batch's slots as done (the bar never moves back)."""
-        position = self.n * min(1.0, slots_done / self.slots)
-        if position > self.position + 1e-9:
-            self.bar.update(position - self.position)
-            self.position = position
-
-    def finish(self) -> None:
-        self.reach(self.slots)
 
 
 def _slots(p: Plan, techniques: Dict[str, Technique]) -> int:

@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from pipeline.config import CONF_DIR, register_configs
-from pipeline.io.h5 import datasets
+from pipeline.store import datasets
 from tests.tinymodels import tiny_net
 
 REPO = Path(__file__).resolve().parent.parent

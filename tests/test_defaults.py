@@ -13,7 +13,7 @@ import pipeline.io.render as R
 from pipeline.config import RenderConfig
 from pipeline.featvis import objectives as O
 from pipeline.featvis import visualize
-from pipeline.io.h5 import datasets, decode_strings
+from pipeline.store import datasets, decode_strings
 from pipeline.models import Preprocess, build_efficientnet_lite0
 from pipeline.progress import Progress
 from pipeline.runner import run

@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.config import ConfigError
 from pipeline.data import Skip
-from pipeline.io.h5 import MapsFile, key_differences
+from pipeline.store import MapsFile, key_differences
 
 
 def columns(start, n):

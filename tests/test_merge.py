@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from pipeline.config import CONF_DIR
-from pipeline.io.h5 import MapsFile, decode_strings
+from pipeline.store import MapsFile, decode_strings
 from pipeline.merge import MergeError, key_differences, main, merge
 from pipeline.runner import run
 from tests.conftest import PYTHON, read_h5, subprocess_env, tiny_overrides, write_images

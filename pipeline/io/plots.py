@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import cv2
-import h5py
 import numpy as np
 
 from pipeline.io.render import write_png
@@ -47,19 +46,16 @@ def line_plot(series: Dict[str, np.ndarray], title: str, xlabel: str, ylabel: st
     return img
 
 
-def write_plots(out_dir: Path, maps_path: Path) -> List[Path]:
-    """Mean deletion / insertion curves and sanity-check correlations over all rows of maps.h5."""
+def write_plots(out_dir: Path, run) -> List[Path]:
+    """Mean deletion / insertion curves and sanity-check correlations over all rows of a run
+    (a pipeline.store.RunReader)."""
     found: Dict[str, Dict[str, np.ndarray]] = {"deletion": {}, "insertion": {}, "sanity": {}}
-    labels: Optional[List[str]] = None
-    with h5py.File(maps_path, "r") as f:
-        def visit(name, obj):
-            if isinstance(obj, h5py.Dataset) and "." in name.rsplit("/", 1)[-1] and len(obj):
-                base, _, metric = name.rpartition(".")
-                if metric in found:
-                    found[metric][base] = obj[()].reshape(-1, obj.shape[-1]).mean(0)
-        f.visititems(visit)
-        if "sanity_labels" in f.attrs:
-            labels = ["original"] + list(f.attrs["sanity_labels"])
+    for (technique, layer, output, metric), col in run.metrics().items():
+        if metric in found and len(col):
+            values = col[:]
+            found[metric][f"{technique}/{layer}/{output}"] = values.reshape(-1, values.shape[-1]).mean(0)
+    labels = run.attrs.get("sanity_labels")
+    labels = ["original"] + list(labels) if labels is not None else None
     written = []
     for metric in ("deletion", "insertion"):
         if found[metric]:

@@ -16,8 +16,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from pipeline.data.base import Item
-from pipeline.io.h5 import MapsFile, append_bytes
 from pipeline.io.render import png_name, render_input
+from pipeline.store import MapsFile, RowBatch
+from pipeline.summaries import Summaries
 
 
 @dataclass
@@ -37,9 +38,11 @@ class AsyncWriter:
     owns `maps_file` and closes it."""
 
     def __init__(self, maps_file: MapsFile, out_dir: Path, render_cfg, kinds: Dict[str, Dict[str, str]],
-                 class_name: Callable[[int], str], depth: int = 4, draw: Optional[Dict[str, dict]] = None):
+                 class_name: Callable[[int], str], depth: int = 4, draw: Optional[Dict[str, dict]] = None,
+                 summaries: Optional[Summaries] = None):
         self.file, self.out_dir, self.render, self.kinds, self.class_name = maps_file, Path(out_dir), render_cfg, kinds, class_name
         self.draw = draw or {}  # technique -> Technique.draw(): labels, boxes, display mode
+        self.summaries = summaries  # updated with every committed batch (pipeline.summaries)
         self.pngs = 0
         self._queue: "queue.Queue[Optional[object]]" = queue.Queue(maxsize=depth)
         self._error: Optional[BaseException] = None
@@ -92,23 +95,23 @@ class AsyncWriter:
     def _write(self, r: BatchRecord) -> None:
         start, limit = self.file.rows, self.render.max_inputs
         drawn = [bool(self.render.png) and (limit is None or start + i < limit) for i in range(len(r.items))]
-        columns = {
-            "id": np.array([it.id for it in r.items], dtype=object),
-            "source": np.array([it.source for it in r.items], dtype=object),
-            "frame": np.array([it.frame for it in r.items], dtype=np.int64),
-            "target": r.targets, "score": r.scores, "logit": r.logits,
-            "png": np.array([png_name(it.id) if d else "" for it, d in zip(r.items, drawn)], dtype=object),
-        }
-        for (technique, layer, output), data in r.maps.items():
-            columns[f"{technique}/{layer}/{output}"] = data
-        self.file.reserve(append_bytes(columns))  # room for the rows first: DiskFull before any write
+        rows = RowBatch(ids=[it.id for it in r.items], sources=[it.source for it in r.items],
+                        frames=[it.frame for it in r.items], targets=r.targets, scores=r.scores, logits=r.logits,
+                        maps=self.file.as_stored(r.maps),
+                        pngs=[png_name(it.id) if d else "" for it, d in zip(r.items, drawn)])
+        self.file.reserve_rows(rows)  # room for the rows first: DiskFull before any write
         for i, item in enumerate(r.items):
-            if not drawn[i]:
-                continue
-            targets = [(self.class_name(int(t)), float(s)) for t, s in zip(r.targets[i], r.scores[i])]
-            for technique, kinds in self.kinds.items():
-                maps = {(l, o): d[i] for (t, l, o), d in r.maps.items() if t == technique}
-                if render_input(self.out_dir, item.id, technique, kinds, maps, r.display[i], targets, self.render,
-                                draw=self.draw.get(technique)):
-                    self.pngs += 1
-        self.file.append(columns)  # commit: only now are these rows part of the run
+            if drawn[i]:
+                self._draw(r, i, item)
+        self.file.append_rows(rows)  # commit: only now are these rows part of the run
+        if self.summaries:
+            self.summaries.update(rows.maps, rows.ids)
+
+    def _draw(self, r: BatchRecord, i: int, item: Item) -> None:
+        """The PNGs of row i of a batch, one per technique."""
+        targets = [(self.class_name(int(t)), float(s)) for t, s in zip(r.targets[i], r.scores[i])]
+        for technique, kinds in self.kinds.items():
+            maps = {(l, o): d[i] for (t, l, o), d in r.maps.items() if t == technique}
+            if render_input(self.out_dir, item.id, technique, kinds, maps, r.display[i], targets, self.render,
+                            draw=self.draw.get(technique)):
+                self.pngs += 1

@@ -30,12 +30,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple, Type
 
+import numpy as np
 import torch
 from torch import nn
 
 from pipeline.hooks import capture
 from pipeline.progress import NO_PROGRESS, Progress
 from pipeline.seeds import keyed_generator
+from pipeline.summaries import add as add_stats
 from pipeline.targets import TargetSpec
 
 REGISTRY: Dict[str, Type["Technique"]] = {}
@@ -241,7 +243,7 @@ class Technique:
     torchscript: ClassVar[bool] = True  # False: needs the model's Python modules (refused on TorchScript)
     uses_data: ClassVar[bool] = True  # False: generate() once per run instead of per batch
     video: ClassVar[bool] = True  # False: images only; refused (check_layers) on 3D video models
-    has_summary: ClassVar[bool] = False  # True: the runner calls summarize() at the end of a run
+    has_summary: ClassVar[bool] = False  # True: partial/combine/finalize make a run-level summary
 
     @dataclass
     class Options:
@@ -279,10 +281,30 @@ class Technique:
         """Extra drawing information for the renderer (e.g. tile labels, boxes, display mode)."""
         return {}
 
-    def summarize(self, rows: Dict[Tuple[str, str], Any]) -> Dict[Tuple[str, str], Any]:
-        """Run-level arrays from all rows of a run, {(layer, output): array-like [R, ...]} (h5py
-        datasets); written under summary/<technique>/ at the end of each run (see has_summary)."""
+    # -- run-level summaries (has_summary = True; see pipeline.summaries) --------------------------
+    def partial(self, rows: Dict[Tuple[str, str], np.ndarray], ids: Sequence[str]) -> Dict[str, np.ndarray]:
+        """Sufficient statistics of some rows, {name: array}: rows {(layer, output): [R, ...]} as
+        stored, `ids` [R] the inputs' ids."""
+        raise NotImplementedError(f"{self.name} has no run-level summary")
+
+    def combine(self, a: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Two statistics as one (associative, commutative); by default key-wise sums."""
+        return add_stats(a, b)
+
+    def finalize(self, stats: Dict[str, np.ndarray]) -> Dict[Tuple[str, str], np.ndarray]:
+        """The summary arrays {(layer, output): array} from the statistics of all rows."""
+        raise NotImplementedError(f"{self.name} has no run-level summary")
+
+    def facts(self) -> Dict[Tuple[str, str], np.ndarray]:
+        """Summary arrays that come from the model, not from rows (after check_model)."""
         return {}
+
+    def summarize(self, rows: Dict[Tuple[str, str], np.ndarray], ids: Optional[Sequence[str]] = None
+                  ) -> Dict[Tuple[str, str], np.ndarray]:
+        """The summary of `rows` in one call: finalize(partial(rows, ids)) and the facts."""
+        n = len(next(iter(rows.values()))) if rows else 0
+        return {**self.finalize(self.partial(rows, ids if ids is not None else [f"#{i}" for i in range(n)])),
+                **self.facts()}
 
     def attribute(self, model: nn.Module, x: torch.Tensor, layers: Sequence[str], target: TargetSpec,
                   *, max_batch: int = 64, shared: Optional[Pass] = None, seed: int = 0,

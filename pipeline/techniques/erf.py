@@ -22,9 +22,10 @@ class EffectiveReceptiveField(Technique):
     """Per chosen layer map [N, 1, H, W]: |d u / d x| summed over colour channels, u the unit at
     `unit` = [x, y] of the layer's map (default: its centre), summed over channels (or one `channel`).
     One forward pass (stopped after the deepest layer) and one backward per layer for the whole batch.
-    `summarize` averages the rows of a run: per layer mean [H, W], sigma [2] (x, y standard deviation
-    in pixels of the mean map as a distribution), rf_box [4] (x, y, w, h of the theoretical receptive
-    field, clipped to the input; -1 when the model cannot be traced) and rf [2] (its size)."""
+    Its run-level summary (partial / combine / finalize: sums and counts) averages the rows of a
+    run: per layer mean [H, W] and sigma [2] (x, y standard deviation in pixels of the mean map as
+    a distribution); its facts are rf_box [4] (x, y, w, h of the theoretical receptive field,
+    clipped to the input; -1 when the model cannot be traced) and rf [2] (its size)."""
 
     outputs = {"map": "rf"}
     torchscript = False
@@ -120,19 +121,30 @@ class EffectiveReceptiveField(Technique):
                 "labels": {layer: field_label(self.supports.get(layer)) for layer in self.units},
                 "boxes": {layer: self.rf_box(layer)[0] for layer in self.units}}
 
-    def summarize(self, rows: Dict[Tuple[str, str], "np.ndarray"], chunk: int = 256) -> Dict[Tuple[str, str], np.ndarray]:
-        """rows: {(layer, "map"): array-like [R, 1, H, W]} (h5py datasets are read `chunk` rows at a time)."""
+    def partial(self, rows, ids):
+        """Per layer the sum [H, W] (float64) and count [] of the rows' maps [R, 1, H, W]."""
         out = {}
         for (layer, _), data in rows.items():
-            total, n = None, len(data)
-            for start in range(0, n, chunk):
-                part = np.asarray(data[start : start + chunk], dtype=np.float64).sum(0)[0]
-                total = part if total is None else total + part
-            if total is None:
-                continue
-            mean = total / n
-            out[layer, "mean"] = mean.astype(np.float32)
-            out[layer, "sigma"] = np.array(spread(mean), dtype=np.float32)
+            data = np.asarray(data, dtype=np.float64)
+            out[f"{layer}/sum"], out[f"{layer}/count"] = data.sum(0)[0], np.array(len(data), dtype=np.int64)
+        return out
+
+    def finalize(self, stats):
+        """Per layer the mean map [H, W] and its spread sigma [2] (x, y)."""
+        out = {}
+        for name in stats:
+            layer, _, what = name.rpartition("/")
+            if what == "sum" and int(stats[f"{layer}/count"]) > 0:
+                mean = np.asarray(stats[name]) / int(stats[f"{layer}/count"])
+                out[layer, "mean"] = mean.astype(np.float32)
+                out[layer, "sigma"] = np.array(spread(mean), dtype=np.float32)
+        return out
+
+    def facts(self):
+        """Per layer the theoretical receptive field: rf_box [4] (x, y, w, h, clipped to the input;
+        -1 when the model cannot be traced) and rf [2] (its size), from the model."""
+        out = {}
+        for layer in self.units:
             box, size = self.rf_box(layer)
             out[layer, "rf_box"] = np.array(box, dtype=np.int64)
             out[layer, "rf"] = np.array(size, dtype=np.float32)

@@ -1,0 +1,83 @@
+"""What a run writes once rather than per input: data-free techniques' results (kernels, filter
+and class images), the model's receptive-field table, and run-level summaries with their PNGs."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.io.render import render_gallery, render_summary
+from pipeline.progress import Progress, follow
+from pipeline.rf.table import field_table, table_arrays
+from pipeline.store import MapsFile
+from pipeline.summaries import Summaries
+
+log = logging.getLogger("pipeline")
+
+
+def generate_all(p, maps_file: MapsFile, out_dir: Path) -> List[str]:
+    """Data-free techniques, once per run and before the inputs, each with a progress bar over its
+    optimization steps; one already complete in maps.h5 (a resumed run) is not computed again.
+    Returns what was generated, one line each ("<name> (<what>) in <s> s")."""
+    made: List[str] = []
+    for name, technique in p.techniques.items():
+        if technique.uses_data:
+            continue
+        if maps_file.has_generated(name):  # from an earlier attempt; draw its PNG if that run died before
+            if p.cfg.render.png and not (out_dir / "png" / f"{name}.png").is_file():
+                render_gallery(out_dir, name, maps_file.generated(name), p.cfg.render)
+            continue
+        made.append(_generate(p, name, technique, maps_file, out_dir))
+    return made
+
+
+def _generate(p, name: str, technique, maps_file: MapsFile, out_dir: Path) -> str:
+    log.info("%s: generating (no input data needed)", name)
+    generator = torch.Generator(device=p.device).manual_seed(p.cfg.seed)
+    start = time.perf_counter()
+    with tqdm(total=0, unit="step", desc=name, mininterval=1.0) as bar:
+        results = technique.generate(p.model.module, p.layers if technique.uses_layers else [],
+                                     device=p.device, generator=generator, max_batch=p.cfg.max_batch,
+                                     class_names=p.model.class_names, preprocess=p.model.preprocess,
+                                     progress=Progress(lambda done, total: follow(bar, done, total)))
+    seconds = time.perf_counter() - start
+    arrays = {key: t.detach().cpu().numpy() if torch.is_tensor(t) else np.asarray(t) for key, t in results.items()}
+    maps_file.write_generated(name, arrays)
+    line = f"{name} ({describe_generated(arrays)}) in {seconds:.3g} s"
+    log.info("generated %s", line)
+    if p.cfg.render.png and render_gallery(out_dir, name, arrays, p.cfg.render):
+        log.info("wrote %s", out_dir / "png" / f"{name}.png")
+    return line
+
+
+def describe_generated(arrays: Dict[tuple, np.ndarray]) -> str:
+    """"112 images of blocks.4, 2 images of logits": what a data-free technique made, per layer."""
+    parts = [f"{len(a)} images of {layer}" for (layer, output), a in arrays.items() if output == "images"]
+    return ", ".join(parts) or f"{len(arrays)} arrays"
+
+
+def write_field_table(p, maps_file: MapsFile) -> None:
+    """The model's receptive-field table (pipeline.rf) in maps.h5, once; skipped with a log line
+    for a model that cannot be traced."""
+    if maps_file.has_field_table() or isinstance(p.model.module, torch.jit.ScriptModule):
+        return
+    try:
+        rows = field_table(p.model.support_graph())
+    except Exception as err:  # noqa: BLE001 - the table is extra information, never a reason to stop
+        log.info("no receptive-field table: %s", err)
+        return
+    maps_file.write_field_table(table_arrays(rows))
+
+
+def write_summaries(p, out_dir: Path, summaries: Summaries, maps_file: MapsFile) -> None:
+    """Run-level summaries over every committed row (e.g. the mean effective receptive field),
+    under summary/<technique>/, and drawn."""
+    for name, arrays in summaries.write(maps_file).items():
+        technique = p.techniques[name]
+        if p.cfg.render.png and render_summary(out_dir, name, arrays, technique.draw(), p.cfg.render):
+            log.info("wrote %s", out_dir / "png" / f"{name}.png")

@@ -1,0 +1,71 @@
+"""Small h5py helpers shared by the store's writer and reader: strings, dataset walks, sizes."""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import h5py
+import numpy as np
+
+STR = h5py.string_dtype()
+CHUNK_BYTES = 1 << 16  # small rows are grouped up to this size; a larger map is one chunk per row
+META_BYTES = 1 << 18  # room reserved for HDF5's own metadata on every write (object headers, B-trees, heaps)
+
+
+def decode_strings(values) -> List[str]:
+    """Strings read back from an h5py string dataset (bytes or str) as a list of str."""
+    return [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def is_str(ds: h5py.Dataset) -> bool:
+    return h5py.check_string_dtype(ds.dtype) is not None or ds.dtype.kind in "OS"
+
+
+def read(ds: h5py.Dataset, start: int = 0, stop=None) -> np.ndarray:
+    """Rows start:stop of a dataset, strings decoded to an object array of str."""
+    if is_str(ds):
+        return np.array(decode_strings(ds[start:stop] if ds.shape else [ds[()]]), dtype=object)
+    return ds[start:stop] if ds.shape else ds[()]
+
+
+def read_all(ds: h5py.Dataset) -> np.ndarray:
+    """A whole (fixed) dataset, strings decoded."""
+    return np.array(decode_strings(ds[()]), dtype=object) if is_str(ds) else ds[()]
+
+
+def datasets(group: h5py.Group) -> Dict[str, h5py.Dataset]:
+    """Every dataset below `group`, by its path relative to it."""
+    found: Dict[str, h5py.Dataset] = {}
+    group.visititems(lambda name, obj: found.__setitem__(name, obj) if isinstance(obj, h5py.Dataset) else None)
+    return found
+
+
+def is_row_dataset(ds: h5py.Dataset) -> bool:
+    """Grows with rows (resizable along its first axis)."""
+    return bool(ds.maxshape) and ds.maxshape[0] is None
+
+
+def chunk_shape(row_shape: Sequence[int], itemsize: int) -> tuple:
+    row_bytes = int(np.prod(row_shape, dtype=np.int64)) * itemsize
+    return (max(1, CHUNK_BYTES // max(row_bytes, 1)),) + tuple(row_shape)
+
+
+def data_bytes(data) -> int:
+    """The bytes an array takes in the file, uncompressed: strings as their length + 64 each."""
+    data = np.asarray(data)
+    return sum(len(str(v)) + 64 for v in data.ravel()) if data.dtype.kind in "OUS" else data.nbytes
+
+
+def append_bytes(columns: Dict[str, np.ndarray]) -> int:
+    """An upper bound on the bytes one appended batch may add to the file: twice the raw data (lzf
+    can grow incompressible data a little), one chunk per dataset (HDF5 rewrites a partly filled
+    chunk elsewhere) and room for metadata."""
+    return META_BYTES + sum(2 * data_bytes(data) + CHUNK_BYTES for data in columns.values())
+
+
+def write_fixed(group: h5py.Group, name: str, data: np.ndarray) -> None:
+    """A dataset that does not grow with rows: strings as variable-length text, large arrays lzf."""
+    data = np.asarray(data)
+    if data.dtype.kind in "OUS":
+        group.create_dataset(name, data=data.astype(object), dtype=STR)
+    else:
+        group.create_dataset(name, data=data, compression="lzf" if data.size > 1024 else None)
