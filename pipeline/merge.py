@@ -32,7 +32,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from pipeline.merge_checks import (MergeError, Shard, check_datasets, check_ids, check_keys, check_shards,
-                                   key_differences, open_shards, provenance_warnings)
+                                   key_differences, provenance_warnings)
+from pipeline.merge_checks import open_shards as _open
 from pipeline.store import MAPS, MapsFile
 from pipeline.summaries import combine_all, stats_of_rows, stats_of_run
 
@@ -203,7 +204,7 @@ def _check_inputs(dirs: List[Path], out: Path, overwrite: bool) -> None:
 def _checked(dirs: List[Path], stack: ExitStack, note: Callable[[str], None]):
     """Open and check the shards: (shards in shard order, completeness checked, summary plans)."""
     errors: List[str] = []
-    shards = open_shards(dirs, stack, errors)
+    shards = _open(dirs, stack, errors)
     if errors:
         raise MergeError(_message(errors))
     shards.sort(key=lambda s: s.index)  # stable: repeated shards keep the order given

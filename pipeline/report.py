@@ -10,20 +10,19 @@ at a time, never a whole dataset in memory.
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
-from urllib.parse import quote
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import yaml
 
+from pipeline.report_html import Image, Raw, esc, facts, figure, fmt, grid, page, table
+from pipeline.report_sweep import _sweep_overrides, anchors, sweep_table
 from pipeline.store import MAPS, Column, open_run
 
 MAX_IMAGES = 12
@@ -34,30 +33,9 @@ class ReportError(Exception):
     """Not a run or sweep dir, or a run dir whose maps.h5 cannot be read (exit code 2)."""
 
 
-class Raw(str):
-    """HTML already escaped (or built from escaped parts): inserted as is."""
-
-
-def esc(value) -> str:
-    return value if isinstance(value, Raw) else html.escape("" if value is None else str(value))
-
-
 def natural_key(text: str) -> list:
     """'run10' after 'run9': digit runs compare as numbers."""
     return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", text)]
-
-
-def fmt(value) -> str:
-    """Numbers for a table cell: 4 significant digits, '' for None."""
-    if value is None:
-        return ""
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        return "nan" if math.isnan(value) else f"{float(value):.4g}"
-    return str(value)
 
 
 # -- reading a run ------------------------------------------------------------------------------
@@ -122,13 +100,6 @@ def _json(text, default):
 
 
 @dataclass
-class Image:
-    path: Path
-    caption: str
-    alt: str
-
-
-@dataclass
 class Run:
     path: Path
     name: str  # path relative to the report's dir (sweep) or the dir's name (single run)
@@ -163,15 +134,6 @@ def read_overrides(run_dir: Path) -> Optional[List[str]]:
     except (OSError, yaml.YAMLError):
         return None
     return [str(x) for x in data] if isinstance(data, list) else []
-
-
-def split_override(text: str) -> Tuple[str, str]:
-    """`+key=value` -> (key, value); `~key` -> (key, '(deleted)')."""
-    left, sep, right = text.partition("=")
-    key = left.lstrip("+~")
-    if left.startswith("~"):
-        return key, "(deleted)" + (f" {right}" if sep else "")
-    return key, right
 
 
 def read_run(run_dir: Path, name: str, anchor: str) -> Run:
@@ -219,239 +181,98 @@ def find_runs(root: Path) -> List[Path]:
     return sorted(found, key=lambda p: natural_key(p.relative_to(root).as_posix()))
 
 
-def anchors(names: Sequence[str]) -> List[str]:
-    """`run-<n>` for a job dir named by its number, else `run-<path with - for other chars>`; unique."""
-    out: List[str] = []
-    for name in names:
-        base = "run-" + (re.sub(r"[^A-Za-z0-9_.]+", "-", name).strip("-") or "0")
-        anchor, i = base, 2
-        while anchor in out:
-            anchor, i = f"{base}-{i}", i + 1
-        out.append(anchor)
-    return out
-
-
 # -- writing the page ---------------------------------------------------------------------------
-CSS = """
-body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; padding: 1em 1.5em;
-       max-width: 1400px; color: #1d1d1f; background: #fff; }
-h1 { font-size: 1.6em; margin-bottom: .2em; } h2 { margin-top: 2em; border-bottom: 2px solid #ddd; }
-h3 { margin-top: 1.4em; } h4 { margin: 1em 0 .3em; }
-code, pre { font: 13px/1.35 ui-monospace, Menlo, Consolas, monospace; }
-pre { background: #f5f5f7; padding: .8em; overflow-x: auto; max-height: 40em; }
-table { border-collapse: collapse; margin: .4em 0 1em; font-size: 14px; }
-th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: left; vertical-align: top; }
-th { background: #f5f5f7; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.scroll { overflow-x: auto; max-width: 100%; }
-dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: .2em 1em; }
-dl.facts dt { font-weight: 600; } dl.facts dd { margin: 0; word-break: break-all; }
-.dirty { color: #b00020; font-weight: 600; } .muted { color: #6e6e73; } .error { color: #b00020; }
-#image-status { padding: .3em .6em; background: #eef6ee; display: inline-block; }
-#image-status.bad { background: #fdecea; color: #b00020; }
-img { max-width: 100%; height: auto; display: block; }
-figure { margin: 0; }
-figure figcaption { font-size: 13px; color: #6e6e73; margin-top: .2em; word-break: break-all; }
-.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: 1em; }
-.wide figure { margin-bottom: 1em; }
-details > summary { cursor: pointer; }
-"""
-
-SCRIPT = """
-window.addEventListener("load", function () {
-  var images = Array.prototype.slice.call(document.images);
-  var ok = function (img) { return img.complete && img.naturalWidth > 0; };
-  var loaded = images.filter(ok);
-  var missing = images.filter(function (img) { return !ok(img); });
-  var status = document.getElementById("image-status");
-  var text = loaded.length + " of " + images.length + " images loaded";
-  if (missing.length) {
-    text += "; not loaded (moved or deleted?): " +
-      missing.map(function (img) { return img.getAttribute("src"); }).join(", ");
-    status.className = "bad";
-  }
-  status.textContent = text;
-});
-"""
-
-
-def table(headers: Sequence[str], rows: Iterable[Sequence], numeric: Sequence[int] = ()) -> str:
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = []
-    for row in rows:
-        cells = "".join(f'<td class="num">{esc(c)}</td>' if i in numeric else f"<td>{esc(c)}</td>"
-                        for i, c in enumerate(row))
-        body.append(f"<tr>{cells}</tr>")
-    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
-
-
-def src(path: Path, base: Path) -> str:
-    """URL of `path` relative to the page's dir `base`, percent-encoded (spaces, '#', '%', ...)."""
-    rel = Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
-    return quote(rel, safe="/-._~")
-
-
-def png_size(path: Path) -> Optional[Tuple[int, int]]:
-    """(width, height) from a PNG's IHDR chunk, without decoding it; None if it is not a PNG."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(24)
-    except OSError:
-        return None
-    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
-        return None
-    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-
-
-def figure(image: Image, base: Path) -> str:
-    """The image (a link to it at full size) and its caption; width/height reserve its space."""
-    url = esc(src(image.path, base))
-    size = png_size(image.path)
-    dims = f' width="{size[0]}" height="{size[1]}"' if size else ""
-    return (f'<figure><a href="{url}"><img loading="eager" src="{url}"{dims} alt="{esc(image.alt)}"></a>'
-            f"<figcaption>{esc(image.caption)}</figcaption></figure>")
-
-
-def grid(images: Sequence[Image], base: Path) -> str:
-    """A grid whose columns fit the widest image (up to 700 px), so wide grids get a row each."""
-    widths = [size[0] for size in map(png_size, (i.path for i in images)) if size]
-    column = min(max(widths, default=300), 700)
-    return (f'<div class="grid" style="grid-template-columns: repeat(auto-fill, minmax(min({column}px, 100%), 1fr))">'
-            + "".join(figure(i, base) for i in images) + "</div>")
-
-
-def facts(pairs: Sequence[Tuple[str, object]]) -> str:
-    return '<dl class="facts">' + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in pairs) + "</dl>"
-
-
 def run_section(run: Run, base: Path, max_images: int, level: int = 2) -> str:
-    h, hh = f"h{level}", f"h{level + 1}"
-    a = run.attrs
+    """One run's section: facts, overrides and config, timings, skipped inputs, map statistics,
+    package versions and images."""
+    h = f"h{level}"
     out = [f'<section id="{esc(run.anchor)}">', f"<{h}>Run {esc(run.name)}</{h}>"]
     if run.error:
         out.append(f'<p class="error">{esc(run.error)}</p>')
+    out.append(_facts(run))
+    hh = f"h{level + 1}"
+    for title, part in (("Overrides", _overrides(run)), ("Timings", _timings(run)), ("Skipped inputs", _skipped(run)),
+                        ("Map statistics", _statistics(run)), ("Package versions", _versions(run)),
+                        ("Images", _images(run, base, max_images, level + 2))):
+        out += [f"<{hh}>{title}</{hh}>", part]
+    out.append("</section>")
+    return "\n".join(out)
+
+
+def _facts(run: Run) -> str:
+    a = run.attrs
     dirty = a.get("git_dirty")
     commit = Raw(esc(a.get("git_commit", "(not recorded)"))
                  + ("" if dirty is None else ' <span class="dirty">dirty (uncommitted changes)</span>' if dirty
                     else ' <span class="muted">clean</span>'))
-    out.append(facts([
+    return facts([
         ("directory", Raw(f"<code>{esc(run.path)}</code>")),
         ("model", a.get("model", "")), ("layers", a.get("layers", "")), ("shard", run.shard),
         ("rows", fmt(run.rows)), ("skipped", fmt(run.skipped_rows or 0)),
         ("git commit", commit), ("device", a.get("device", "(not recorded)")),
         ("seed", fmt(a.get("seed", "(not recorded)"))), ("host", a.get("host", "(not recorded)")),
         ("command", Raw(f"<code>{esc(a.get('command', '(not recorded)'))}</code>")),
-    ]))
+    ])
 
-    out.append(f"<{hh}>Overrides</{hh}>")
+
+def _overrides(run: Run) -> str:
     if run.overrides is None:
-        out.append('<p class="muted">(none recorded)</p>')
+        listed = '<p class="muted">(none recorded)</p>'
     elif not run.overrides:
-        out.append('<p class="muted">(none: the default config)</p>')
+        listed = '<p class="muted">(none: the default config)</p>'
     else:
-        out.append("<ul>" + "".join(f"<li><code>{esc(o)}</code></li>" for o in run.overrides) + "</ul>")
-    out.append(f"<details><summary>Resolved config</summary><pre>{esc(a.get('config', '(not recorded)'))}</pre></details>")
+        listed = "<ul>" + "".join(f"<li><code>{esc(o)}</code></li>" for o in run.overrides) + "</ul>"
+    config = esc(run.attrs.get("config", "(not recorded)"))
+    return listed + f"<details><summary>Resolved config</summary><pre>{config}</pre></details>"
 
-    out.append(f"<{hh}>Timings</{hh}>")
-    if run.attempts:
-        rows = []
-        for i, t in enumerate(run.attempts):
-            status = ("finished" if t.get("finished") else
-                      "not finished (interrupted, or still running)" if i == len(run.attempts) - 1 else "interrupted")
-            rows.append([i + 1, t.get("started", ""), t.get("host", ""), fmt(t.get("seconds")), fmt(t.get("done")),
-                         fmt(t.get("skipped")), fmt(t.get("rows")), fmt(t.get("images_per_s")), status])
-        out.append(table(["attempt", "started", "host", "seconds", "done", "skipped", "rows", "images/s", "status"],
-                         rows, numeric=(0, 3, 4, 5, 6, 7)))
-    else:
-        out.append('<p class="muted">(no attempts recorded)</p>')
 
-    out.append(f"<{hh}>Skipped inputs</{hh}>")
-    if run.skipped:
-        out.append(table(["id", "source", "frame", "reason"], run.skipped))
-    else:
-        out.append("<p>none</p>")
+def _timings(run: Run) -> str:
+    if not run.attempts:
+        return '<p class="muted">(no attempts recorded)</p>'
+    rows = []
+    for i, t in enumerate(run.attempts):
+        status = ("finished" if t.get("finished") else
+                  "not finished (interrupted, or still running)" if i == len(run.attempts) - 1 else "interrupted")
+        rows.append([i + 1, t.get("started", ""), t.get("host", ""), fmt(t.get("seconds")), fmt(t.get("done")),
+                     fmt(t.get("skipped")), fmt(t.get("rows")), fmt(t.get("images_per_s")), status])
+    return table(["attempt", "started", "host", "seconds", "done", "skipped", "rows", "images/s", "status"],
+                 rows, numeric=(0, 3, 4, 5, 6, 7))
 
-    out.append(f"<{hh}>Map statistics</{hh}>")
-    if run.stats:
-        out.append('<p class="muted">Over the valid rows; NaN and inf values are left out and counted.</p>')
-        out.append(table(
-            ["dataset", "shape", "dtype", "mean", "std", "min", "max", "non-finite"],
-            [[s.dataset, "\u00d7".join(map(str, s.shape)), s.dtype, fmt(s.mean), fmt(s.std), fmt(s.min),
-              fmt(s.max), fmt(s.nonfinite)] for s in run.stats],
-            numeric=(3, 4, 5, 6, 7)))
-    else:
-        out.append('<p class="muted">(no map datasets)</p>')
 
-    versions = _json(a.get("versions"), None)
-    out.append(f"<{hh}>Package versions</{hh}>")
+def _skipped(run: Run) -> str:
+    return table(["id", "source", "frame", "reason"], run.skipped) if run.skipped else "<p>none</p>"
+
+
+def _statistics(run: Run) -> str:
+    if not run.stats:
+        return '<p class="muted">(no map datasets)</p>'
+    return ('<p class="muted">Over the valid rows; NaN and inf values are left out and counted.</p>' + table(
+        ["dataset", "shape", "dtype", "mean", "std", "min", "max", "non-finite"],
+        [[s.dataset, "\u00d7".join(map(str, s.shape)), s.dtype, fmt(s.mean), fmt(s.std), fmt(s.min),
+          fmt(s.max), fmt(s.nonfinite)] for s in run.stats],
+        numeric=(3, 4, 5, 6, 7)))
+
+
+def _versions(run: Run) -> str:
+    versions = _json(run.attrs.get("versions"), None)
     if isinstance(versions, dict):
-        out.append(table(["package", "version"], sorted(versions.items())))
-    else:
-        out.append(f'<p class="muted">{esc(a.get("versions", "(not recorded)"))}</p>')
+        return table(["package", "version"], sorted(versions.items()))
+    return f'<p class="muted">{esc(run.attrs.get("versions", "(not recorded)"))}</p>'
 
-    out.append(f"<{hh}>Images</{hh}>")
+
+def _images(run: Run, base: Path, max_images: int, level: int) -> str:
+    out = []
     if run.run_images:
         out.append('<div class="wide">' + "".join(figure(i, base) for i in run.run_images) + "</div>")
     for technique, images in run.technique_images.items():
         shown = images[:max_images]
         more = len(images) - len(shown)
         note = f' <span class="muted">({len(images)} inputs; {more} more not shown)</span>' if more > 0 else ""
-        out.append(f"<h{level + 2}>{esc(technique)}{note}</h{level + 2}>")
+        out.append(f"<h{level}>{esc(technique)}{note}</h{level}>")
         out.append(grid(shown, base))
     if not run.run_images and not run.technique_images:
         out.append('<p class="muted">(no PNGs in this run dir)</p>')
-    out.append("</section>")
     return "\n".join(out)
-
-
-def sweep_table(runs: Sequence[Run]) -> Tuple[List[str], str]:
-    """(swept keys, HTML): one row per run, one column per overridden key whose value differs
-    between runs (every overridden key when none differs); keys set alike in every run are listed
-    above the table instead."""
-    keys: List[str] = []
-    for run in runs:
-        for o in run.overrides or []:
-            key = split_override(o)[0]
-            if key not in keys:
-                keys.append(key)
-    values_of = [dict(split_override(o) for o in run.overrides or []) for run in runs]
-    varying = [k for k in keys if len({v.get(k) for v in values_of}) > 1]
-    common = [f"{k}={values_of[0].get(k)}" for k in keys if k not in varying] if varying else []
-    keys = varying or keys
-    head = ["run", *keys, "rows", "skipped", "images/s", "maps (mean)"]
-    rows = []
-    for run in runs:
-        values = dict(split_override(o) for o in run.overrides or [])
-        means = Raw("<br>".join(f"<code>{esc(s.dataset)}</code>={esc(fmt(s.mean))}" for s in run.stats))
-        link = Raw(f'<a href="#{esc(run.anchor)}">{esc(run.name)}</a>')
-        if run.error:
-            means = Raw(f'<span class="error">{esc(run.error)}</span>')
-        rows.append([link, *(values.get(k, "") for k in keys), fmt(run.rows), fmt(run.skipped_rows),
-                     fmt(run.images_per_s), means])
-    n = len(keys)
-    same = ("<p>Same in every run: " + " ".join(f"<code>{esc(c)}</code>" for c in common) + "</p>") if common else ""
-    return keys, same + table(head, rows, numeric=(n + 1, n + 2, n + 3))
-
-
-def page(title: str, intro: str, body: str) -> str:
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{esc(title)}</title>
-<style>{CSS}</style>
-</head>
-<body>
-<header>
-<h1>{esc(title)}</h1>
-{intro}
-<p id="image-status">Checking images (needs JavaScript)&hellip;</p>
-</header>
-{body}
-<script>{SCRIPT}</script>
-</body>
-</html>
-"""
 
 
 def build(root: Path, out: Path, max_images: int = MAX_IMAGES) -> str:
@@ -482,16 +303,6 @@ def build(root: Path, out: Path, max_images: int = MAX_IMAGES) -> str:
         intro.append(f'<p class="error">Job dirs without maps.h5 (failed before writing?): {esc(", ".join(lost))}</p>')
     body = ["<h2>Runs</h2>", summary] + [run_section(r, base, max_images, level=2) for r in runs]
     return page(f"Sweep report: {root.resolve().name}", "\n".join(intro), "\n".join(body))
-
-
-def _sweep_overrides(root: Path) -> List[str]:
-    """The sweep's command-line overrides, from Hydra's multirun.yaml."""
-    try:
-        data = yaml.safe_load((root / "multirun.yaml").read_text())
-        task = data["hydra"]["overrides"]["task"]
-        return [str(t) for t in task] if isinstance(task, list) else []
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return []
 
 
 def write_report(root: str | Path, out: str | Path | None = None, max_images: int = MAX_IMAGES) -> Path:
