@@ -1,5 +1,6 @@
-"""`run(cfg, out_dir)`: every check first, then batches from the DataLoader through each technique
-into the async HDF5/PNG writer. Re-running into the same dir skips inputs already in maps.h5."""
+"""`run(cfg, out_dir)`: every check first, then batches from the decoder processes through each
+technique into the background writer (maps.h5 through pipeline.store, PNGs through pipeline.io),
+then the run-level summaries. Re-running into the same dir skips inputs already in maps.h5."""
 from __future__ import annotations
 
 import copy
@@ -31,6 +32,7 @@ from pipeline.progress import NO_PROGRESS, BatchProgress
 from pipeline.provenance import attempt, command_line, provenance
 from pipeline.runlevel import generate_all, write_field_table, write_summaries
 from pipeline.store import MapsFile
+from pipeline.store.layout import metric_output
 from pipeline.summaries import Summaries
 from pipeline.targets import TargetSpec
 from pipeline.techniques import Pass, Technique, get_technique
@@ -349,13 +351,13 @@ def _evaluate(p: Plan, x, maps, targets, ids, progress: Optional[BatchProgress] 
                                         progress.slot(slot) if progress else NO_PROGRESS)
             slot += 1
             for metric, values in curves.items():
-                out[name, layer, f"{output}.{metric}"] = values
+                out[name, layer, metric_output(output, metric)] = values
     if p.sanity and hm:
         correlations = p.sanity.correlations(x, p.layers, p.target, p.techniques, hm, targets,
                                              p.cfg.max_batch, p.cfg.seed, ids,
                                              progress.slot(slot) if progress else NO_PROGRESS)
         for (name, layer, output), values in correlations.items():
-            out[name, layer, f"{output}.sanity"] = values
+            out[name, layer, metric_output(output, "sanity")] = values
     return out
 
 

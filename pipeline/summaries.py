@@ -18,6 +18,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from pipeline.store.layout import is_metric
+
 Stats = Dict[str, np.ndarray]
 RECOMPUTE_ROWS = 256  # rows per partial() when statistics are recomputed from the file
 
@@ -94,7 +96,8 @@ class Summaries:
     def update(self, maps: Dict[Tuple[str, str, str], np.ndarray], ids: List[str]) -> None:
         """Add one committed batch: maps by (technique, layer, output), as stored."""
         for name, t in self.techniques.items():
-            rows = {(layer, output): m for (tech, layer, output), m in maps.items() if tech == name}
+            rows = {(layer, output): m for (tech, layer, output), m in maps.items()
+                    if tech == name and not is_metric(output)}
             if rows:
                 part = t.partial(rows, ids)
                 self.stats[name] = part if self.stats[name] is None else t.combine(self.stats[name], part)

@@ -41,6 +41,16 @@ def map_name(technique: str, layer: str, output: str) -> str:
     return f"{technique}/{layer}/{output}"
 
 
+def metric_output(output: str, metric: str) -> str:
+    """The output name of an evaluation of a map (`<output>.<metric>`, e.g. cam.deletion)."""
+    return f"{output}.{metric}"
+
+
+def is_metric(output: str) -> bool:
+    """Whether an output name is an evaluation of a map (`<output>.<metric>`), not a map itself."""
+    return "." in output
+
+
 def summary_group(technique: str) -> str:
     return f"{SUMMARY}/{technique}"
 
