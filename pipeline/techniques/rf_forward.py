@@ -1,7 +1,7 @@
 """Receptive-field contribution maps, forward: the fraction of each unit's input support inside a crop.
 
 Every convolution and pooling layer becomes an averaging box filter of the same geometry (see
-pipeline/rf/graph.py for the rules at activations, merges and pools), so a mask that is 1 inside
+pipeline/rf/rules.py for the rules at activations, merges and pools), so a mask that is 1 inside
 the crop and 0 outside becomes, at each layer, the fraction of each element's support in the crop.
 """
 from __future__ import annotations
