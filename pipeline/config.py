@@ -3,7 +3,10 @@
 `conf/config.yaml` names `pipeline_schema` first in its defaults list, so every key a user sets
 is checked against these dataclasses: a misspelt key or a wrong type fails before any work.
 Each technique's options are its own dataclass, stored as `schema/technique/<name>` by
-`register_configs()`; the technique's YAML file pulls that schema in.
+`register_configs()`; the technique's YAML file pulls that schema in. A data source or model
+family with keys of its own does the same with a DataConfig / ModelConfig subclass
+(`schema/data/<name>`, `schema/model/<name>`); `model.kind` and `data.kind` name registered
+families and sources (pipeline/families, pipeline/data).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ CONF_DIR = _conf_dir()
 
 @dataclass
 class ModelConfig:
-    kind: str = MISSING  # efficientnet_lite0 | torchvision | timm | checkpoint
+    kind: str = MISSING  # a registered model family (pipeline/families): efficientnet_lite0, torchvision, ...
     name: Optional[str] = None  # torchvision / timm model name
     weights: Optional[str] = None  # torchvision weights name (DEFAULT, IMAGENET1K_V1, null)
     pretrained: bool = False  # timm: fetch pretrained weights through timm's own cache
@@ -51,7 +54,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = MISSING  # samples | folder | video
+    kind: str = MISSING  # a registered data source (pipeline/data): samples, folder, video, ...
     path: Optional[str] = None
     start: int = 0  # video frame range
     stop: Optional[int] = None
@@ -112,14 +115,13 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
 
 
-MODEL_KINDS = ("efficientnet_lite0", "torchvision", "timm", "checkpoint")
-DATA_KINDS = ("samples", "folder", "video")
 _TOPK = re.compile(r"^topk:[1-9]\d*$")
 
 
 def register_configs() -> None:
-    """Store the top-level schema, every registered technique's option schema and the submitit
-    launcher configs (pipeline/launchers.py)."""
+    """Store the top-level schema, every registered technique's option schema, the schemas of the
+    data sources and model families that have keys of their own, and the submitit launcher
+    configs (pipeline/launchers.py)."""
     from pipeline.launchers import register_launchers
     from pipeline.techniques import REGISTRY
 
@@ -128,6 +130,25 @@ def register_configs() -> None:
     cs.store(name="pipeline_schema", node=Config)
     for name, technique in REGISTRY.items():
         cs.store(group="schema/technique", name=name, node=technique.Options)
+    for group, base, schemas in (("data", DataConfig, source_schemas()), ("model", ModelConfig, family_schemas())):
+        for name, schema in schemas.items():
+            if not (isinstance(schema, type) and issubclass(schema, base)):
+                raise TypeError(f"the schema of {group} {name!r} must be a dataclass subclassing {base.__name__}")
+            cs.store(group=f"schema/{group}", name=name, node=schema)
+
+
+def source_schemas() -> Dict[str, type]:
+    """{data.kind: its DataConfig subclass}, for the registered sources that have one."""
+    from pipeline.data import SOURCES
+
+    return {name: cls.schema for name, cls in SOURCES.items() if cls.schema is not None}
+
+
+def family_schemas() -> Dict[str, type]:
+    """{model.kind: its ModelConfig subclass}, for the registered families that have one."""
+    from pipeline.families import SCHEMAS
+
+    return dict(SCHEMAS)
 
 
 TILE_RANGE = (32, 1024)  # render.tile: below 32 px a titled tile is unreadable
@@ -187,11 +208,13 @@ def _check_ranges(cfg: Any) -> None:
 
 
 def validate(cfg: Any) -> None:
-    """Checks that need no model or data; raises ConfigError naming the bad key."""
-    if cfg.model.kind not in MODEL_KINDS:
-        raise ConfigError(f"model.kind={cfg.model.kind!r}: expected one of {MODEL_KINDS}")
-    if cfg.data.kind not in DATA_KINDS:
-        raise ConfigError(f"data.kind={cfg.data.kind!r}: expected one of {DATA_KINDS}")
+    """Checks that need no model or data; raises ConfigError naming the bad key (an unknown
+    model.kind or data.kind lists the registered ones)."""
+    from pipeline.data import get_source
+    from pipeline.families import get_family
+
+    get_family(cfg.model.kind)
+    get_source(cfg.data.kind)
     if str(cfg.target).startswith("topk:") and not _TOPK.match(str(cfg.target)):
         raise ConfigError(f"target={cfg.target!r}: topk needs a whole number >= 1, e.g. topk:3")
     if cfg.batch_size < 1:

@@ -88,7 +88,7 @@ def compare(a_path: Path, b_path: Path) -> List[Tuple[str, float, str]]:
 
 def code_imports(cfg) -> List[str]:
     """What re-running `cfg` would import and call as Python code: a checkpoint model's
-    `model.arch=package.module:Class` (pipeline.models._arch). Every other model kind only builds
+    `model.arch=package.module:Class` (pipeline.families.checkpoint.arch_net). Every other model kind only builds
     names from the torchvision / timm registries, and technique and data keys name nothing
     importable; a TorchScript checkpoint is TorchScript, not Python, and imports nothing."""
     model = cfg.model

@@ -112,7 +112,7 @@ def plan(cfg) -> Plan:
     source = build_source(cfg.data)  # missing path / empty folder fail here, before the model loads
     device = resolve_device(cfg.device)
     model = build_model(cfg.model, device, cfg.data.clip_len)
-    clips = cfg.data.kind == "video" and cfg.data.clip_len is not None
+    clips = source.clip_len is not None
     if model.is_video and not clips:
         raise ConfigError(f"{model.description} is a 3D video CNN: it needs clips, e.g. data=video "
                           "data.path=FILE data.clip_len=16")

@@ -1,12 +1,14 @@
-"""What every data source yields, and the shared decode → crop → resize → normalise step."""
+"""What every data source yields, the source registry (`data.kind`), and the shared decode →
+crop → resize → normalise step."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Type
 
 import cv2
 import numpy as np
 
+from pipeline.errors import ConfigError
 from pipeline.preprocess import Preprocess
 
 
@@ -34,6 +36,15 @@ class Source:
 
     items: List[Item]
     skipped: List[Skip]  # items known bad before decoding (e.g. frames past the end of a video)
+    clip_len: Optional[int] = None  # frames per input when the items are clips (for 3D CNNs); None: images
+    name: ClassVar[str]  # the data.kind it is registered as
+    schema: ClassVar[Optional[type]] = None  # a pipeline.config.DataConfig subclass with its own keys
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "Source":
+        """The source a `data` config (data.kind = this source's name) describes; a config that
+        cannot work (a missing path, an empty folder) raises ConfigError."""
+        raise NotImplementedError(f"{cls.__name__} has no from_config")
 
     def read(self, item: Item, min_side: Optional[int] = None) -> np.ndarray:
         """Decode one item to an RGB uint8 array [H, W, 3]; raise BadItem with the reason.
@@ -42,6 +53,41 @@ class Source:
         or None; a source may then decode a large image at a reduced size that keeps its
         shorter side at least 2 x min_side (no crop box may be applied to such an image)."""
         raise NotImplementedError
+
+
+SOURCES: Dict[str, Type[Source]] = {}
+
+
+def register_source(name: str, schema: Optional[type] = None):
+    """Class decorator: register a Source subclass as data.kind=`name`, built by its
+    `from_config(cfg)` (a duplicate name raises ValueError). `schema`: a DataConfig subclass
+    typing the source's extra keys, stored as `schema/data/<name>` for its YAML to pull in."""
+
+    def wrap(cls: Type[Source]) -> Type[Source]:
+        if name in SOURCES:
+            raise ValueError(f"data source {name!r} is already registered by {SOURCES[name].__module__}")
+        cls.name = name
+        if schema is not None:
+            cls.schema = schema
+        SOURCES[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_source(name: str) -> Type[Source]:
+    """The source class registered as `name`; an unknown name raises ConfigError listing the known ones."""
+    try:
+        return SOURCES[name]
+    except KeyError:
+        raise ConfigError(f"data.kind={name!r} is unknown; known: {', '.join(sorted(SOURCES))}") from None
+
+
+def required_path(cfg: Any) -> str:
+    """cfg.path, or ConfigError naming the source that needs it."""
+    if cfg.path is None:
+        raise ConfigError(f"data={cfg.kind} needs data.path")
+    return cfg.path
 
 
 _INTER = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import ConfigError
-from pipeline.data.base import BadItem, Item, Skip, Source
+from pipeline.data.base import BadItem, Item, Skip, Source, register_source, required_path
 
 log = logging.getLogger("pipeline")
 
@@ -22,6 +22,13 @@ _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2
 _JPEG = ("JPEG", "MPO")  # Pillow's names for JPEG files (MPO: multi-picture JPEG, first picture)
 
 
+def decode_options(cfg) -> dict:
+    """max_pixels and reduced_decode of a `data` config (.get: configs recorded in maps.h5 before
+    these keys existed, from which merge rebuilds sources)."""
+    return dict(max_pixels=cfg.get("max_pixels", MAX_PIXELS), reduced_decode=cfg.get("reduced_decode", True))
+
+
+@register_source("folder")
 class FolderSource(Source):
     """Every file below `root` with one of `extensions`, sorted by relative path (stable ids).
 
@@ -52,6 +59,11 @@ class FolderSource(Source):
         self.items = [Item(rel, path) for rel, path in files]
         self.skipped: List[Skip] = dangling
         self.max_pixels, self.reduced_decode = max_pixels, reduced_decode
+
+    @classmethod
+    def from_config(cls, cfg) -> "FolderSource":
+        """data.path, data.extensions, data.limit and the decode options."""
+        return cls(required_path(cfg), cfg.extensions, cfg.limit, **decode_options(cfg))
 
     def read(self, item: Item, min_side: Optional[int] = None) -> np.ndarray:
         try:
@@ -85,12 +97,18 @@ class FolderSource(Source):
                           f"data.max_pixels={self.max_pixels}; raise data.max_pixels to use it")
 
 
+@register_source("samples")
 class SamplesSource(FolderSource):
     """The public-domain / CC0 photos bundled in pipeline/samples (see LICENSES.md there)."""
 
     def __init__(self, limit: Optional[int] = None, max_pixels: Optional[int] = MAX_PIXELS,
                  reduced_decode: bool = True):
         super().__init__(SAMPLES_DIR, [".jpg"], limit, max_pixels, reduced_decode)
+
+    @classmethod
+    def from_config(cls, cfg) -> "SamplesSource":
+        """data.limit and the decode options (data.path is not used)."""
+        return cls(cfg.limit, **decode_options(cfg))
 
 
 def reduction(width: int, height: int, min_side: int) -> int:

@@ -9,9 +9,10 @@ import cv2
 import numpy as np
 
 from pipeline.errors import ConfigError
-from pipeline.data.base import BadItem, Item, Skip, Source
+from pipeline.data.base import BadItem, Item, Skip, Source, register_source, required_path
 
 
+@register_source("video")
 class VideoSource(Source):
     """Frames mode: frames start, start+step, ... < stop (None: to the end), each one input.
     Clips mode (clip_len set): clips of clip_len frames frame_stride apart, starting at start,
@@ -66,6 +67,12 @@ class VideoSource(Source):
         # One capture per process, opened lazily: a forked DataLoader worker must not touch a
         # capture inherited from its parent (its decoder threads do not exist in the child).
         self._caps: Dict[int, list] = {}  # pid -> [capture, next frame it will decode]
+
+    @classmethod
+    def from_config(cls, cfg) -> "VideoSource":
+        """data.path, the frame range (start, stop, step), data.limit and the clip keys."""
+        return cls(required_path(cfg), cfg.start, cfg.stop, cfg.step, cfg.limit,
+                   cfg.clip_len, cfg.frame_stride, cfg.clip_stride)
 
     def _empty(self, name: str, start: int, stop: Optional[int]) -> str:
         """Why a frame range holds no input at all (a ConfigError, before any work)."""
