@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch
@@ -20,10 +20,11 @@ from pipeline.summaries import Summaries
 log = logging.getLogger("pipeline")
 
 
-def generate_all(p, maps_file: MapsFile, out_dir: Path) -> List[str]:
-    """Data-free techniques, once per run and before the inputs, each with a progress bar over its
-    optimization steps; one already complete in maps.h5 (a resumed run) is not computed again.
-    Returns what was generated, one line each ("<name> (<what>) in <s> s")."""
+def generate_all(p, maps_file: MapsFile, out_dir: Path, bar: Callable = tqdm) -> List[str]:
+    """Data-free techniques, once per run and before the inputs, each with a progress bar (made by
+    `bar`, tqdm's signature) over its optimization steps; one already complete in maps.h5 (a
+    resumed run) is not computed again. Returns what was generated, one line each
+    ("<name> (<what>) in <s> s")."""
     made: List[str] = []
     for name, technique in p.techniques.items():
         if technique.uses_data:
@@ -32,19 +33,19 @@ def generate_all(p, maps_file: MapsFile, out_dir: Path) -> List[str]:
             if p.cfg.render.png and not (out_dir / "png" / f"{name}.png").is_file():
                 render_gallery(out_dir, name, maps_file.generated(name), p.cfg.render)
             continue
-        made.append(_generate(p, name, technique, maps_file, out_dir))
+        made.append(_generate(p, name, technique, maps_file, out_dir, bar))
     return made
 
 
-def _generate(p, name: str, technique, maps_file: MapsFile, out_dir: Path) -> str:
+def _generate(p, name: str, technique, maps_file: MapsFile, out_dir: Path, bar: Callable) -> str:
     log.info("%s: generating (no input data needed)", name)
     generator = torch.Generator(device=p.device).manual_seed(p.cfg.seed)
     start = time.perf_counter()
-    with tqdm(total=0, unit="step", desc=name, mininterval=1.0) as bar:
+    with bar(total=0, unit="step", desc=name, mininterval=1.0) as shown:
         results = technique.generate(p.model.module, p.layers if technique.uses_layers else [],
                                      device=p.device, generator=generator, max_batch=p.cfg.max_batch,
                                      class_names=p.model.class_names, preprocess=p.model.preprocess,
-                                     progress=Progress(lambda done, total: follow(bar, done, total)))
+                                     progress=Progress(lambda done, total: follow(shown, done, total)))
     seconds = time.perf_counter() - start
     arrays = {key: t.detach().cpu().numpy() if torch.is_tensor(t) else np.asarray(t) for key, t in results.items()}
     maps_file.write_generated(name, arrays)

@@ -245,7 +245,7 @@ def _work(p: Plan, out_dir: Path, maps_file: MapsFile, record: AttemptRecord) ->
     if p.model.class_names:
         maps_file.write_classes(p.model.class_names)
     write_field_table(p, maps_file)
-    generated = generate_all(p, maps_file, out_dir)
+    generated = generate_all(p, maps_file, out_dir, bar=tqdm)  # the runner's bars (tests record them)
     per_input = {name: t for name, t in p.techniques.items() if t.uses_data}
     if not per_input:  # data-free techniques only: nothing to decode
         record.finished(done=0, skipped=0, generated=generated)
