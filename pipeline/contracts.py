@@ -8,10 +8,11 @@ and its `draw()` returns a `Draw` (how receptive-field maps are drawn). The runn
 the renderer, the evaluation and `python -m pipeline.techniques` read these declarations; no code
 compares kind names as strings.
 
-Shapes are written as `[d, d, ...]`, each d a symbol (N inputs, K targets, C channels, T frames,
-H x W the input, h x w a layer's map, or any word: `top`, `steps`), an integer (`3`), an optional
-group `(T,)` (present for clips, absent for images), or a final `...` (any further axes). Symbols
-bind to sizes: `Output.match(shape, bound)` checks a tensor's shape against the declaration.
+Shapes are written as `[d, d, ...]`, each d a symbol (N inputs, K targets, C channels, T a clip's
+frames, H x W the input, h x w a layer's map, M synthesized images, or any word: `top`, `steps`), an
+integer (`3`), an optional group `(T,)` (present for clips, absent for images: a shape with T is a
+clip's), or a final `...` (any further axes). Symbols bind to sizes: `Output.match(shape, bound)`
+checks a tensor's shape against the declaration (tests/test_contracts.py runs every technique).
 """
 from __future__ import annotations
 
