@@ -10,7 +10,7 @@
   cumulative groups, on a private copy of the model; after each group the maps are recomputed
   for the same targets and compared with the originals by Spearman rank correlation, [steps].
 
-Only "heatmap" outputs (one map per target) are evaluated. Results are extra columns of maps.h5
+Only `Kind.HEATMAP` outputs (one map per target) are evaluated. Results are extra columns of maps.h5
 (`<technique>/<layer>/<output>.deletion`, `.deletion_auc`, `.insertion`, `.insertion_auc`,
 `.sanity`), and `plots.write_plots` draws their means at the end of a run.
 """
@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from pipeline.contracts import Kind
 from pipeline.maps import gaussian_blur, resize_maps
 from pipeline.progress import NO_PROGRESS, Progress
 from pipeline.techniques.base import Pass, Technique, rows_logits
@@ -32,7 +33,7 @@ Key = Tuple[str, str, str]  # (technique, layer, output)
 
 def heatmaps(techniques: Dict[str, Technique], maps: Dict[Key, torch.Tensor]) -> Dict[Key, torch.Tensor]:
     """The per-target maps [N, K, *S] among a batch's outputs."""
-    return {key: m for key, m in maps.items() if techniques[key[0]].outputs.get(key[2]) == "heatmap"}
+    return {key: m for key, m in maps.items() if key[2] in techniques[key[0]].outputs_of(Kind.HEATMAP)}
 
 
 def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,

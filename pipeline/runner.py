@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, validate
+from pipeline.contracts import Kind
 from pipeline.data import Source, build_source, resolve_shard
 from pipeline.data.loader import Loader
 from pipeline.errors import RunError
@@ -305,7 +306,7 @@ def _compute_all(p: Plan, out_dir: Path, maps_file: MapsFile, loader: Loader, pe
                  pre_skipped: list, summaries: Summaries, count: Count) -> int:
     """The per-input loop: batches from the loader through every technique into the writer;
     returns the PNGs written. On an error the writer is stopped (its own error logged) first."""
-    writer = AsyncWriter(maps_file, out_dir, p.cfg.render, {name: dict(t.outputs) for name, t in per_input.items()},
+    writer = AsyncWriter(maps_file, out_dir, p.cfg.render, {name: t.kinds() for name, t in per_input.items()},
                          p.model.class_name, draw={name: t.draw() for name, t in per_input.items()},
                          summaries=summaries)
     try:
@@ -364,7 +365,7 @@ def _evaluate(p: Plan, x, maps, targets, ids, progress: Optional[BatchProgress] 
 def _slots(p: Plan, techniques: Dict[str, Technique]) -> int:
     """How many equal parts a batch's work is split into for the progress bar (see BatchProgress)."""
     ev = p.cfg.evaluate
-    heatmaps_made = sum(sum(kind == "heatmap" for kind in t.outputs.values()) * (len(p.layers) if t.uses_layers else 1)
+    heatmaps_made = sum(len(t.outputs_of(Kind.HEATMAP)) * (len(p.layers) if t.uses_layers else 1)
                         for t in techniques.values())
     return len(techniques) + (heatmaps_made if ev.deletion or ev.insertion else 0) + bool(p.sanity)
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.contracts import Kind
 from pipeline.hooks import hook_count
 from pipeline.targets import TargetSpec
 from pipeline.techniques import Pass, get_technique
@@ -224,6 +225,6 @@ def test_yaml_configs_compose_and_build(make_cfg):
     assert cfg.technique.gradcampp.relu is True and cfg.technique.eigencam.center is False
     for name in names:
         technique = make(name, **cfg.technique[name])
-        assert technique.outputs == {"cam": "heatmap"}
+        assert technique.kinds() == {"cam": Kind.HEATMAP}
     with pytest.raises(ValueError, match="top_channels"):
         make("scorecam", top_channels=0)

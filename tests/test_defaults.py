@@ -11,9 +11,11 @@ from torch import nn
 
 import pipeline.io.render as R
 from pipeline.config import RenderConfig
+from pipeline.contracts import Draw, Scale
 from pipeline.featvis import objectives as O
 from pipeline.featvis import visualize
 from pipeline.store import datasets, decode_strings
+from pipeline.io.tiles import LABEL_MIN_SHRINK
 from pipeline.models import Preprocess, build_efficientnet_lite0
 from pipeline.progress import Progress
 from pipeline.runner import run
@@ -285,7 +287,7 @@ def test_a_30_layer_rf_png_wraps_into_a_grid_no_wider_than_the_cap(monkeypatch, 
     layers = [f"blocks.{i // 4}.{i % 4}.conv_pwl" for i in range(30)]
     maps = {(layer, "map"): rng.random((1, 7, 7)).astype(np.float32) for layer in layers}
     image = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
-    draw = {"labels": {layer: f"RF {100 + i}" for i, layer in enumerate(layers)}, "scale": "fraction"}
+    draw = Draw(labels={layer: f"RF {100 + i}" for i, layer in enumerate(layers)}, scale=Scale.FRACTION)
     seen = titles(monkeypatch, lambda: R.render_input(tmp_path, "x.jpg", "rf_forward", {"map": "rf"}, maps, image,
                                                      [], cfg, draw=draw))
     assert seen[1:] == [f"{layer} RF {100 + i}" for i, layer in enumerate(layers)]  # every layer's tile
@@ -307,7 +309,7 @@ def _put_text_calls(monkeypatch, text, size=160):
 def test_long_labels_go_on_two_readable_lines_short_ones_stay(monkeypatch):
     long = "features.10.block.2.fc1 · 1x1 · out 320-639 · in 0-319"
     calls = _put_text_calls(monkeypatch, long)
-    assert len(calls) == 2 and all(scale >= R.LABEL_MIN_SHRINK * 0.4 for _, scale in calls), calls
+    assert len(calls) == 2 and all(scale >= LABEL_MIN_SHRINK * 0.4 for _, scale in calls), calls
     assert calls[0][0].endswith(" ·") and " · ".join([calls[0][0][:-2], calls[1][0]]) == long
     assert [t for t, _ in _put_text_calls(monkeypatch, "a · b\nc")] == ["a · b", "c"]
     calls = _put_text_calls(monkeypatch, "blocks.5.2.conv_pwl RF 435")  # an rf label: one line, full size

@@ -1,6 +1,7 @@
 """pipeline.store (the one owner of maps.h5) and pipeline.summaries: the read API, float16 storage,
 and run-level summaries that merge by construction (shards, resumes) for erf and a test-only one."""
 import json
+import re
 import shutil
 from dataclasses import dataclass
 
@@ -13,7 +14,8 @@ from pipeline.merge import merge
 from pipeline.runner import run
 from pipeline.store import Column, open_run
 from pipeline.summaries import add, merge_top_k, top_k
-from pipeline.techniques import REGISTRY, Technique
+from pipeline.contracts import Family, Kind, Output
+from pipeline.techniques import REGISTRY, Technique, register
 from pipeline.techniques.base import ACTS
 from tests.conftest import tiny_overrides
 
@@ -24,7 +26,10 @@ class TopScores(Technique):
     """Test-only: per input and layer the largest activation; its run summary keeps the `k` inputs
     with the largest ones (ids and scores, ties by id), a histogram of all of them and a count."""
 
-    outputs = {"score": "data"}
+    outputs = {"score": Output(Kind.DATA, "[N]")}
+    summary_outputs = {"top_ids": Output(Kind.DATA, "[top]"), "top_scores": Output(Kind.DATA, "[top]"),
+                       "hist": Output(Kind.DATA, "[8]"), "count": Output(Kind.DATA, "[]")}
+    family = Family.ACTIVATIONS
     needs = frozenset({ACTS})
     has_summary = True
 
@@ -62,8 +67,7 @@ class TopScores(Technique):
 @pytest.fixture
 def top_scores():
     """TopScores registered for the test only (the registry is shared by every test)."""
-    TopScores.name = "top_scores"
-    REGISTRY["top_scores"] = TopScores
+    register("top_scores")(TopScores)
     yield "top_scores"
     REGISTRY.pop("top_scores")
 
@@ -142,6 +146,17 @@ def test_the_store_is_the_only_code_that_imports_h5py():
     importing = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
                        if "import h5py" in p.read_text() or "from h5py" in p.read_text())
     assert importing and all(name.startswith("store/") for name in importing), importing
+
+
+def test_merge_has_no_technique_specific_code():
+    from pathlib import Path
+
+    import pipeline
+
+    root = Path(pipeline.__file__).parent
+    text = (root / "merge.py").read_text() + (root / "merge_checks.py").read_text()
+    named = [name for name in REGISTRY if re.search(rf"\b{name}\b", text)]
+    assert named == [], f"pipeline.merge names techniques: {named}"
 
 
 # -- float16 storage -------------------------------------------------------------------------------
@@ -248,7 +263,7 @@ def test_merged_summaries_equal_the_unsharded_run_without_recomputing_rows(shard
     monkeypatch.setattr(pipeline.summaries, "stats_of_rows", no_recompute)
     merge(sharded["shards"], tmp_path / "merged.h5")
     for technique in ("top_scores", "erf"):
-        (merged, (stats, rows)), (full, _) = summary_of(tmp_path / "merged.h5", technique), summary_of(sharded["full"], technique)
+        (merged, (_, rows)), (full, _) = summary_of(tmp_path / "merged.h5", technique), summary_of(sharded["full"], technique)
         assert rows == 7
         assert_same_summary(merged, full)
     top, _ = summary_of(tmp_path / "merged.h5", "top_scores")

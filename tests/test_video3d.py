@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError
+from pipeline.contracts import Kind
 from pipeline.data import VideoSource
 from pipeline.runner import run
 from pipeline.targets import TargetSpec
@@ -29,14 +30,14 @@ def test_every_technique_gives_per_frame_maps_shaped_like_the_clip(name):
     result = technique.attribute(model, x, ["relu1", "relu2"], TargetSpec.parse("topk:2"), max_batch=16)
     drawn = 0
     for (layer, output), m in result.maps.items():
-        kind = technique.outputs[output]
-        if kind == "heatmap":
+        kind = technique.outputs[output].kind
+        if kind is Kind.HEATMAP:
             assert tuple(m.shape) == (2, 2, T, H, W), (layer, output, tuple(m.shape))
             drawn += 1
-        elif kind == "gradient":
+        elif kind is Kind.GRADIENT:
             assert tuple(m.shape) == (2, 2, 3, T, H, W), (layer, output, tuple(m.shape))
             drawn += 1
-        elif kind == "channels":
+        elif kind is Kind.CHANNELS:
             assert m.shape[:2] == (2, 8 if layer == "relu2" else 4) and m.dim() == 5
             drawn += 1
     assert drawn, f"{name} drew nothing on a 3D model"

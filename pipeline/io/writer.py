@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from pipeline.contracts import Draw, Kind
 from pipeline.data.base import Item
 from pipeline.io.render import png_name, render_input
 from pipeline.store import MapsFile, RowBatch
@@ -37,8 +38,8 @@ class AsyncWriter:
     close(); abort() stops the thread without raising and returns that error, if any. The caller
     owns `maps_file` and closes it."""
 
-    def __init__(self, maps_file: MapsFile, out_dir: Path, render_cfg, kinds: Dict[str, Dict[str, str]],
-                 class_name: Callable[[int], str], depth: int = 4, draw: Optional[Dict[str, dict]] = None,
+    def __init__(self, maps_file: MapsFile, out_dir: Path, render_cfg, kinds: Dict[str, Dict[str, Kind]],
+                 class_name: Callable[[int], str], depth: int = 4, draw: Optional[Dict[str, Draw]] = None,
                  summaries: Optional[Summaries] = None):
         self.file, self.out_dir, self.render, self.kinds, self.class_name = maps_file, Path(out_dir), render_cfg, kinds, class_name
         self.draw = draw or {}  # technique -> Technique.draw(): labels, boxes, display mode

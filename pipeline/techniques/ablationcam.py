@@ -10,6 +10,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from pipeline.contracts import Paper
 from pipeline.techniques.base import register
 from pipeline.techniques.gradcam import CAM
 from pipeline.techniques.scorecam import ForwardCAM, channel_scores, weighted_sum
@@ -38,6 +39,9 @@ class AblationCAM(ForwardCAM):
     """Channel weight = (y - y_c) / y, y the target logit and y_c the logit with channel c of the
     layer zeroed (the model re-run with a hook, max_batch (input, channel) rows per forward).
     Returns cam [N, K, *S]."""
+
+    paper = Paper("Desai & Ramaswamy 2020",
+                  "https://openaccess.thecvf.com/content_WACV_2020/html/Desai_Ablation-CAM_Visual_Explanations_for_Deep_Convolutional_Network_via_Gradient-free_Localization_WACV_2020_paper.html")
 
     @dataclass
     class Options(CAM.Options):

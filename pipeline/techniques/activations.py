@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.contracts import Family, Kind, Output
 from pipeline.techniques.base import ACTS, Technique, register
 
 
@@ -11,7 +12,10 @@ class Activations(Technique):
     """Per layer: maps [N, C, ...] (when store_maps), mean [N, C], topk [N, k] (channel ids by mean
     activation, highest first). Layers with [N, C] outputs give maps [N, C]."""
 
-    outputs = {"maps": "channels", "mean": "data", "topk": "data"}
+    family = Family.ACTIVATIONS
+    outputs = {"maps": Output(Kind.CHANNELS, "[N, C, ...]", doc="[N, C, (T,) h, w], or [N, C] for a vector layer"),
+               "mean": Output(Kind.DATA, "[N, C]"),
+               "topk": Output(Kind.DATA, "[N, k]", "int64", doc="channel ids, highest mean first")}
     needs = frozenset({ACTS})
 
     @dataclass

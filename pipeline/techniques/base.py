@@ -9,31 +9,35 @@ common (the logits and targets, the layer activations and their gradients, the i
 once. Each technique declares which of them it uses in `needs`, so that e.g. `activations` next to
 `gradcam` reads its maps off Grad-CAM's forward pass instead of running its own.
 
-Each technique declares its `outputs`: output name -> how it is drawn
-  "heatmap"  [N, K, h, w] or [N, K, T, h, w]    one map per target, drawn over the input
-  "gradient" [N, K, 3, H, W] or [N, K, 3, T, H, W]  a signed input-space map: colour and grey images
-  "channels" [N, C, h, w]                        feature maps, the top channels drawn as a grid
-  "data"     any shape                           stored, not drawn
-  "image"    [N, 3, H, W] uint8                  an image made from each input (dream, inversion)
-  "tiles"    [N, n, 3, S, S] uint8               n images about each input (top_activated)
-  "gallery"  [M, 3, H, W] uint8                  synthesized images (data-free techniques), drawn as
-                                                 a grid titled with the layer, the "index" output
-                                                 (channel or class) and the last "objective" value
-  "rf"       [N, K, h, w]                        one map per crop (receptive-field techniques), drawn
-                                                 as one grid across layers per crop, as `draw()` says
+Each technique declares its `outputs` once, name -> `Output(kind, shape)` (pipeline.contracts):
+the kind says how the renderer draws it, the shape is what `_attribute` returns (tested):
+  Kind.HEATMAP  [N, K, (T,) h, w]        one map per target, drawn over the input
+  Kind.GRADIENT [N, K, C, (T,) H, W]     a signed input-space map: colour and grey images
+  Kind.CHANNELS [N, C, ...]              feature maps, the top channels drawn as a grid
+  Kind.DATA     any shape                stored, not drawn
+  Kind.IMAGE    [N, 3, H, W] uint8       an image made from each input (dream, inversion)
+  Kind.TILES    [N, n, 3, S, S] uint8    n images about each input (top_activated)
+  Kind.GALLERY  [M, 3, H, W] uint8       synthesized images (data-free techniques), drawn as a grid
+                                         titled with the "label" output (or the layer and the
+                                         "index" output) and the last "objective" value
+  Kind.RF       [N, crops, h, w]         one map per crop (receptive-field techniques), drawn as
+                                         one grid across layers per crop, as `draw()` (a Draw) says
+Besides `outputs`, a technique names its `family` and `paper`; `python -m pipeline.techniques`
+lists them all (pipeline.techniques.catalog).
 
 Techniques with `uses_data = False` (kernels, filter and class visualization) need no inputs: the
 runner calls their `generate()` once per run and stores its arrays under `<technique>/<layer>/`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from typing import Any, Callable, ClassVar, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
 import torch
 from torch import nn
 
+from pipeline.contracts import Draw, Family, Kind, Output, Paper
 from pipeline.hooks import capture
 from pipeline.progress import NO_PROGRESS, Progress
 from pipeline.seeds import keyed_generator
@@ -51,11 +55,26 @@ def register(name: str):
     def wrap(cls: Type["Technique"]) -> Type["Technique"]:
         if name in REGISTRY:
             raise ValueError(f"technique {name!r} is already registered by {REGISTRY[name].__module__}")
+        check_declaration(name, cls)
         cls.name = name
         REGISTRY[name] = cls
         return cls
 
     return wrap
+
+
+def check_declaration(name: str, cls: Type["Technique"]) -> None:
+    """Raise TypeError unless the class declares typed outputs (Output), a Family and an Options
+    dataclass (what the runner, the renderer and the listing read)."""
+    outputs, summary = getattr(cls, "outputs", {}), getattr(cls, "summary_outputs", {})
+    untyped = [o for o, decl in {**outputs, **summary}.items() if not isinstance(decl, Output)]
+    if untyped or not outputs:
+        raise TypeError(f"technique {name!r}: outputs {untyped or '{}'} must be declared as Output(Kind..., shape)")
+    if not isinstance(getattr(cls, "family", None), Family):
+        raise TypeError(f"technique {name!r}: family must be a pipeline.contracts.Family")
+    paper = getattr(cls, "paper", None)
+    if not is_dataclass(getattr(cls, "Options", None)) or (paper is not None and not isinstance(paper, Paper)):
+        raise TypeError(f"technique {name!r}: Options must be a dataclass and paper a Paper or None")
 
 
 def get_technique(name: str) -> Type["Technique"]:
@@ -237,7 +256,10 @@ class Pass:
 
 class Technique:
     name: ClassVar[str]
-    outputs: ClassVar[Dict[str, str]] = {}
+    family: ClassVar[Family]
+    paper: ClassVar[Optional[Paper]] = None
+    outputs: ClassVar[Dict[str, Output]] = {}  # output name -> its kind and shape (see the module docstring)
+    summary_outputs: ClassVar[Dict[str, Output]] = {}  # what summarize() returns, per layer (has_summary)
     uses_layers: ClassVar[bool] = True  # False: maps live in input space (layer "input")
     needs: ClassVar[FrozenSet[str]] = frozenset()  # shared Pass computations it uses
     torchscript: ClassVar[bool] = True  # False: needs the model's Python modules (refused on TorchScript)
@@ -277,9 +299,19 @@ class Technique:
         """Called once by the runner with the LoadedModel before any work (e.g. to read its
         preprocessing); raise ValueError to refuse the model."""
 
-    def draw(self) -> dict:
-        """Extra drawing information for the renderer (e.g. tile labels, boxes, display mode)."""
-        return {}
+    @classmethod
+    def kinds(cls) -> Dict[str, Kind]:
+        """{output name: its Kind}, what the renderer needs."""
+        return {output: decl.kind for output, decl in cls.outputs.items()}
+
+    @classmethod
+    def outputs_of(cls, kind: Kind) -> Tuple[str, ...]:
+        """The names of the outputs of one kind (e.g. the heatmaps the evaluation scores)."""
+        return tuple(output for output, decl in cls.outputs.items() if decl.kind is kind)
+
+    def draw(self) -> Draw:
+        """How the renderer draws receptive-field maps: labels, boxes, display mode, scale."""
+        return Draw()
 
     # -- run-level summaries (has_summary = True; see pipeline.summaries) --------------------------
     def partial(self, rows: Dict[Tuple[str, str], np.ndarray], ids: Sequence[str]) -> Dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from pipeline.contracts import Family, Kind, Output, Paper
 from pipeline.featvis import base_seed, objectives, row_generators, visualize, with_preset
 from pipeline.progress import NO_PROGRESS, Progress
 from pipeline.techniques.base import Technique, chunks, register
@@ -59,7 +60,11 @@ class ClassVis(Technique):
     Progress: classes x steps units, announced before the first step and reported after every
     optimization step of each chunk of rows."""
 
-    outputs = {"images": "gallery", "index": "data", "objective": "data", "label": "data"}
+    family = Family.FEATVIS
+    paper = Paper("Simonyan et al. 2013", "https://arxiv.org/abs/1312.6034")
+    outputs = {"images": Output(Kind.GALLERY, "[M, 3, S, S]", "uint8"), "index": Output(Kind.DATA, "[M]", "int64", doc="classes"),
+               "objective": Output(Kind.DATA, "[M, steps]", doc="the class logit at each step"),
+               "label": Output(Kind.DATA, "[M]", "str", doc="the tile titles")}
     uses_layers = False
     uses_data = False
 

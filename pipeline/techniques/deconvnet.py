@@ -1,6 +1,7 @@
 """Deconvnet (Zeiler & Fergus 2013, https://arxiv.org/abs/1311.2901) as a ReLU backward rule."""
 from __future__ import annotations
 
+from pipeline.contracts import Family, Kind, Output, Paper
 from pipeline.techniques.base import INPUT, Technique, register
 from pipeline.techniques.guided_backprop import rule_input_grads
 
@@ -10,7 +11,9 @@ class Deconvnet(Technique):
     """Input gradient where each ReLU passes back relu(gradient), ignoring where its input was
     positive (the "reversed ReLU" of a deconvnet): map [N, K, C, (T,) H, W]."""
 
-    outputs = {"map": "gradient"}
+    family = Family.BACKPROP
+    paper = Paper("Zeiler & Fergus 2013", "https://arxiv.org/abs/1311.2901")
+    outputs = {"map": Output(Kind.GRADIENT, "[N, K, C, (T,) H, W]")}
     torchscript = False
     uses_layers = False
 

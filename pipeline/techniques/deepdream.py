@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from pipeline.contracts import Family, Kind, Output, Paper
 from pipeline.featvis.optimize import to_uint8
 from pipeline.hooks import capture, forward
 from pipeline.techniques.base import Technique, chunks, register
@@ -46,7 +47,10 @@ class DeepDream(PixelSpace):
     before each step). 2D images only: a 3D (video) model is refused.
     """
 
-    outputs = {"dream": "image", "objective": "data"}
+    family = Family.FEATVIS
+    paper = Paper("Mordvintsev et al. 2015", "https://research.google/blog/inceptionism-going-deeper-into-neural-networks/")
+    outputs = {"dream": Output(Kind.IMAGE, "[N, 3, H, W]", "uint8"),
+               "objective": Output(Kind.DATA, "[N, steps]", doc="the objective before each step of each octave")}
 
     @dataclass
     class Options:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.contracts import Paper
 from pipeline.techniques.base import register
 from pipeline.techniques.gradcam import CAM
 from pipeline.techniques.scorecam import ForwardCAM
@@ -34,6 +35,8 @@ class EigenCAM(ForwardCAM):
     where the channel-sum rule could leave a map <= 0 everywhere). For nonnegative activations
     (after a ReLU) the first direction is one-signed and this is the usual choice, v >= 0.
     With center=true the same rule uses the centred projection (the energy of the raw activations)."""
+
+    paper = Paper("Muhammad & Yeasin 2020", "https://arxiv.org/abs/2008.00299")
 
     @dataclass
     class Options(CAM.Options):

@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from pipeline.contracts import Draw, Family, Kind, Output, Paper, Scale
 from pipeline.hooks import capture, forward
 from pipeline.rf import GraphError, Support, SupportGraph
 from pipeline.techniques.base import Technique, register
@@ -27,10 +28,16 @@ class EffectiveReceptiveField(Technique):
     a distribution); its facts are rf_box [4] (x, y, w, h of the theoretical receptive field,
     clipped to the input; -1 when the model cannot be traced) and rf [2] (its size)."""
 
-    outputs = {"map": "rf"}
+    family = Family.RF
+    paper = Paper("Luo et al. 2016", "https://arxiv.org/abs/1701.04128")
+    outputs = {"map": Output(Kind.RF, "[N, 1, H, W]")}
+    summary_outputs = {"mean": Output(Kind.DATA, "[H, W]", doc="the mean map"),
+                       "sigma": Output(Kind.DATA, "[2]", doc="x, y spread in pixels"),
+                       "rf_box": Output(Kind.DATA, "[4]", "int64", doc="x, y, w, h of the theoretical field"),
+                       "rf": Output(Kind.DATA, "[2]", doc="the theoretical field's size")}
     torchscript = False
     video = False
-    scale = "max"
+    scale = Scale.MAX
     has_summary = True
 
     @dataclass
@@ -116,10 +123,11 @@ class EffectiveReceptiveField(Technique):
         x1, y1 = min(W - 1, round(cx + (fx.size - 1) / 2)), min(H - 1, round(cy + (fy.size - 1) / 2))
         return [x0, y0, x1 - x0 + 1, y1 - y0 + 1], [fx.size, fy.size]
 
-    def draw(self) -> dict:
-        return {"display": self.options.display, "scale": self.scale,
-                "labels": {layer: field_label(self.supports.get(layer)) for layer in self.units},
-                "boxes": {layer: self.rf_box(layer)[0] for layer in self.units}}
+    def draw(self) -> Draw:
+        """Each layer's tile labelled with its theoretical field's size and boxed with the field."""
+        return Draw(self.options.display, self.scale,
+                    labels={layer: field_label(self.supports.get(layer)) for layer in self.units},
+                    layer_boxes={layer: self.rf_box(layer)[0] for layer in self.units})
 
     def partial(self, rows, ids):
         """Per layer the sum [H, W] (float64) and count [] of the rows' maps [R, 1, H, W]."""

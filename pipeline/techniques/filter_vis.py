@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import torch
 
+from pipeline.contracts import Family, Kind, Output, Paper
 from pipeline.featvis import PRESETS, base_seed, objectives, row_generators, transforms, visualize, with_preset
 from pipeline.featvis.optimize import normalize
 from pipeline.hooks import capture
@@ -58,7 +59,11 @@ class FilterVis(Technique):
     Progress: channels x steps x (upscalings + 1) units over all layers, announced before the
     first step and reported after every optimization step of each chunk of rows."""
 
-    outputs = {"images": "gallery", "index": "data", "objective": "data", "label": "data"}
+    family = Family.FEATVIS
+    paper = Paper("Olah et al. 2017", "https://distill.pub/2017/feature-visualization/")
+    outputs = {"images": Output(Kind.GALLERY, "[M, 3, S, S]", "uint8"), "index": Output(Kind.DATA, "[M]", "int64", doc="channel ids"),
+               "objective": Output(Kind.DATA, "[M, steps]", doc="the activation at each step"),
+               "label": Output(Kind.DATA, "[M]", "str", doc="the tile titles")}
     uses_data = False
 
     @dataclass

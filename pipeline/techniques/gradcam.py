@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.contracts import Family, Kind, Output, Paper
 from pipeline.maps import resize_maps
 from pipeline.techniques.base import ACTS, LAYER_GRADS, Technique, register
 
@@ -18,7 +19,8 @@ class CAM(Technique):
     gradient computed.
     """
 
-    outputs = {"cam": "heatmap"}
+    family = Family.CAM
+    outputs = {"cam": Output(Kind.HEATMAP, "[N, K, (T,) h, w]", doc="a 3D layer's maps resized to the clip")}
     needs = frozenset({ACTS, LAYER_GRADS})
 
     @dataclass
@@ -59,6 +61,8 @@ def spatial_mean(t: torch.Tensor) -> torch.Tensor:
 @register("gradcam")
 class GradCAM(CAM):
     """Channel weight = the gradient averaged over the map."""
+
+    paper = Paper("Selvaraju et al. 2017", "https://arxiv.org/abs/1610.02391")
 
     def weights(self, acts, grads):
         return spatial_mean(grads)

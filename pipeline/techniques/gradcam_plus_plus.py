@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.contracts import Paper
 from pipeline.techniques.base import register
 from pipeline.techniques.gradcam import CAM
 
@@ -15,6 +16,8 @@ class GradCAMPlusPlus(CAM):
     and exp(score) * grad^3; exp(score) cancels, leaving alpha = g^2 / (2 g^2 + sum_space(A) g^3)
     (0 where the denominator is 0). Returns cam [N, K, *S].
     """
+
+    paper = Paper("Chattopadhyay et al. 2018", "https://arxiv.org/abs/1710.11063")
 
     def weights(self, acts, grads):
         space = tuple(range(3, grads.dim()))

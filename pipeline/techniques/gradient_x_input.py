@@ -1,6 +1,7 @@
 """Gradient x input (Shrikumar et al. 2016, https://arxiv.org/abs/1605.01713)."""
 from __future__ import annotations
 
+from pipeline.contracts import Family, Kind, Output, Paper
 from pipeline.techniques.base import INPUT, INPUT_GRADS, Technique, register
 
 
@@ -12,7 +13,9 @@ class GradientXInput(Technique):
     Reuses the shared input gradient, so next to `saliency` no second backward runs.
     """
 
-    outputs = {"map": "gradient", "sum": "data"}
+    family = Family.BACKPROP
+    paper = Paper("Shrikumar et al. 2016", "https://arxiv.org/abs/1605.01713")
+    outputs = {"map": Output(Kind.GRADIENT, "[N, K, C, (T,) H, W]"), "sum": Output(Kind.DATA, "[N, K, (T,) H, W]", doc="the sum over channels")}
     uses_layers = False
     needs = frozenset({INPUT_GRADS})
 

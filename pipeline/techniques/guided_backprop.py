@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.contracts import Family, Kind, Output, Paper
 from pipeline.hooks import relu_backward_rule
 from pipeline.techniques.base import INPUT, Pass, Technique, register, target_scores
 
@@ -35,7 +36,9 @@ class GuidedBackprop(Technique):
     """Input gradient where each ReLU passes back only positive gradient, and only where its input
     was positive: map [N, K, C, (T,) H, W]."""
 
-    outputs = {"map": "gradient"}
+    family = Family.BACKPROP
+    paper = Paper("Springenberg et al. 2014", "https://arxiv.org/abs/1412.6806")
+    outputs = {"map": Output(Kind.GRADIENT, "[N, K, C, (T,) H, W]")}
     uses_layers = False
     torchscript = False
 

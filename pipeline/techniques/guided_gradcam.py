@@ -1,6 +1,7 @@
 """Guided Grad-CAM (Selvaraju et al. 2017, https://arxiv.org/abs/1610.02391)."""
 from __future__ import annotations
 
+from pipeline.contracts import Kind, Output
 from pipeline.maps import resize_maps
 from pipeline.techniques.base import register
 from pipeline.techniques.gradcam import GradCAM
@@ -16,7 +17,7 @@ class GuidedGradCAM(GradCAM):
     pass, so next to `gradcam` and `guided_backprop` nothing runs twice.
     """
 
-    outputs = {"map": "gradient"}
+    outputs = {"map": Output(Kind.GRADIENT, "[N, K, C, (T,) H, W]", doc="per chosen layer")}
     torchscript = False
 
     def _attribute(self, p):

@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from pipeline.contracts import Family, Kind, Output, Paper
 from pipeline.maps import gaussian_blur
 from pipeline.techniques.base import INPUT, Technique, register
 
@@ -24,7 +25,11 @@ class IntegratedGradients(Technique):
     rel_error [N, K] = |error| / |f(x) - f(b)|.
     """
 
-    outputs = {"attr": "gradient", "maxabs": "heatmap", "error": "data", "rel_error": "data"}
+    family = Family.ATTRIBUTION
+    paper = Paper("Sundararajan et al. 2017", "https://arxiv.org/abs/1703.01365")
+    outputs = {"attr": Output(Kind.GRADIENT, "[N, K, C, (T,) H, W]"), "maxabs": Output(Kind.HEATMAP, "[N, K, (T,) H, W]", doc="the max-abs over channels"),
+               "error": Output(Kind.DATA, "[N, K]", doc="completeness: sum(attr) - (f(x) - f(baseline))"),
+               "rel_error": Output(Kind.DATA, "[N, K]", doc="|error| / |f(x) - f(baseline)|")}
     uses_layers = False
 
     @dataclass

@@ -6,6 +6,7 @@ from typing import List, Optional
 
 import torch
 
+from pipeline.contracts import Family, Kind, Output, Paper
 from pipeline.hooks import capture, forward
 from pipeline.featvis.optimize import to_uint8
 from pipeline.techniques.base import chunks, register
@@ -26,7 +27,10 @@ class Inversion(PixelSpace):
     normalized representation loss before each step. 2D images only: a 3D (video) model is refused.
     """
 
-    outputs = {"image": "image", "loss": "data"}
+    family = Family.FEATVIS
+    paper = Paper("Mahendran & Vedaldi 2015", "https://arxiv.org/abs/1412.0035")
+    outputs = {"image": Output(Kind.IMAGE, "[N, 3, H, W]", "uint8"),
+               "loss": Output(Kind.DATA, "[N, steps]", doc="the normalized representation loss before each step")}
 
     @dataclass
     class Options:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.contracts import Family, Kind, Output, Paper
 from pipeline.progress import NO_PROGRESS, Progress
 from pipeline.techniques.base import Technique, register
 
@@ -37,7 +38,12 @@ class Kernels(Technique):
     tile titles. Progress: one unit per layer.
     """
 
-    outputs = {"images": "gallery", "index": "data", "channel": "data", "label": "data"}
+    family = Family.FEATVIS
+    paper = Paper("Krizhevsky et al. 2012", "https://papers.nips.cc/paper/4824")
+    outputs = {"images": Output(Kind.GALLERY, "[M, 3, h, w]", "uint8"),
+               "index": Output(Kind.DATA, "[M]", "int64", doc="each tile's filter (output channel)"),
+               "channel": Output(Kind.DATA, "[M]", "int64", doc="each tile's input channel (-1: RGB)"),
+               "label": Output(Kind.DATA, "[M]", "str", doc="the tile titles, for 1x1 layers")}
     uses_data = False
 
     @dataclass

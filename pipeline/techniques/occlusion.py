@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from pipeline.contracts import Family, Kind, Output, Paper
 from pipeline.techniques.base import INPUT, Technique, register
 
 
@@ -19,7 +20,9 @@ class Occlusion(Technique):
     where hiding the region lowers the score.
     """
 
-    outputs = {"drop": "heatmap"}
+    family = Family.PERTURBATION
+    paper = Paper("Zeiler & Fergus 2013", "https://arxiv.org/abs/1311.2901")
+    outputs = {"drop": Output(Kind.HEATMAP, "[N, K, (T,) H, W]")}
     uses_layers = False
 
     @dataclass

@@ -1,10 +1,12 @@
 """Receptive-field contribution maps, backward: how much each position feeds a crop of a layer's map."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import List
 
 import torch
 
+from pipeline.contracts import Scale
 from pipeline.rf.crops import Box, box_masks, check_inside, parse_boxes
 from pipeline.techniques.base import INPUT, register
 from pipeline.techniques.rf_forward import SupportMaps, spatial_map
@@ -17,7 +19,7 @@ class RFBackward(SupportMaps):
     propagation, by autograd). Per drawn layer and the input: map [N, K, h, w], the share of the
     crop's average support at each position (it sums to 1 where no padding is reached)."""
 
-    scale = "max"
+    scale = Scale.MAX
 
     def check_crops(self) -> None:
         h, w = self.supports[self.chosen].spatial[-2:]
@@ -37,7 +39,7 @@ class RFBackward(SupportMaps):
             y0, y1 = fy.start + y * fy.jump - (fy.size - 1) / 2, fy.start + (y + h - 1) * fy.jump + (fy.size - 1) / 2
             x0, y0 = max(0, round(x0)), max(0, round(y0))
             boxes.append([x0, y0, min(W - 1, round(x1)) - x0 + 1, min(H - 1, round(y1)) - y0 + 1])
-        return {**super().draw(), "boxes": boxes}
+        return replace(super().draw(), crop_boxes=tuple(boxes))
 
     def compute(self, device):
         K = len(self.boxes)

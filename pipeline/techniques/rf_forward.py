@@ -11,11 +11,12 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from pipeline.contracts import Display, Draw, Family, Kind, Output, Scale
 from pipeline.rf import END, GraphError, Support, SupportGraph
 from pipeline.rf.crops import Box, box_masks, centre_box, check_inside, parse_boxes
 from pipeline.techniques.base import Technique, register
 
-DISPLAY = ("heatmap", "weighted")
+DISPLAY = tuple(d.value for d in Display)  # the `display` option's values
 
 
 def spatial_map(s: Support, reduce: str = "mean") -> torch.Tensor:
@@ -40,10 +41,11 @@ class SupportMaps(Technique):
     The maps do not depend on the pixels, so they are computed once per input size and repeated
     for each input. Returns per drawn layer map [N, K, h, w], one map per crop."""
 
-    outputs = {"map": "rf"}
+    family = Family.RF
+    outputs = {"map": Output(Kind.RF, "[N, crops, h, w]", doc="per drawn layer, one map per crop")}
     torchscript = False
     video = False
-    scale = "fraction"  # how the renderer scales maps: fraction = fixed [0, 1]; max = per map
+    scale = Scale.FRACTION  # how the renderer scales maps: fixed [0, 1] (MAX: each map by its maximum)
 
     @dataclass
     class Options:
@@ -111,10 +113,9 @@ class SupportMaps(Technique):
     def labels(self) -> Dict[str, str]:
         return {layer: field_label(self.supports.get(layer)) for layer in self.drawn}
 
-    def draw(self) -> dict:
-        """What the renderer needs: display mode, scale, tile labels and the boxes on the input."""
-        return {"display": self.options.display, "scale": self.scale, "labels": self.labels(),
-                "boxes": [list(b) for b in self.boxes]}
+    def draw(self) -> Draw:
+        """What the renderer needs: display mode, scale, tile labels and the crops on the input."""
+        return Draw(self.options.display, self.scale, self.labels(), tuple(list(b) for b in self.boxes))
 
     def _attribute(self, p):
         if self.graph is None or self.layers != list(p.layers) or tuple(p.x.shape[1:]) != self.graph.input_shape:

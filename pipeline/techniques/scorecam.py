@@ -7,6 +7,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from pipeline.contracts import Paper
 from pipeline.maps import resize_maps
 from pipeline.techniques.base import ACTS, Pass, register
 from pipeline.techniques.gradcam import CAM
@@ -54,6 +55,8 @@ class ScoreCAM(ForwardCAM):
     the paper (its score increases over a baseline differ from these by one constant per input
     and target, which the softmax cancels). Returns cam [N, K, *S].
     """
+
+    paper = Paper("Wang et al. 2020", "https://arxiv.org/abs/1910.01279")
 
     @dataclass
     class Options(CAM.Options):

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.contracts import Family, Kind, Output, Paper
 from pipeline.techniques.base import INPUT, Technique, register
 
 
@@ -18,7 +19,9 @@ class SmoothGrad(Technique):
     maxabs [N, K, (T,) H, W].
     """
 
-    outputs = {"grad": "gradient", "maxabs": "heatmap"}
+    family = Family.ATTRIBUTION
+    paper = Paper("Smilkov et al. 2017", "https://arxiv.org/abs/1706.03825")
+    outputs = {"grad": Output(Kind.GRADIENT, "[N, K, C, (T,) H, W]"), "maxabs": Output(Kind.HEATMAP, "[N, K, (T,) H, W]", doc="the max-abs over channels")}
     uses_layers = False
 
     @dataclass

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import torch
 
+from pipeline.contracts import Family, Kind, Output
 from pipeline.io.render import write_png
 from pipeline.techniques.base import ACTS, Technique, register
 from pipeline.techniques.filter_vis import FilterVis
@@ -41,7 +42,9 @@ class TopActivated(Technique):
     `$XDG_CACHE_HOME/pipeline/filter_vis`, else `~/.cache/pipeline/filter_vis`.
     """
 
-    outputs = {"channels": "data", "mean": "data", "images": "tiles"}
+    family = Family.FEATVIS
+    outputs = {"channels": Output(Kind.DATA, "[N, top]", "int64"), "mean": Output(Kind.DATA, "[N, top]"),
+               "images": Output(Kind.TILES, "[N, top, 3, S, S]", "uint8", doc="the channels' filter_vis images")}
     needs = frozenset({ACTS})
     video = False
 
