@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from pipeline.store import MAPS, Column, RunReader, open_run
-from pipeline.store.layout import SKIP_FIELDS, skipped_name
+from pipeline.store.layout import SKIP_FIELDS, skipped_name, split_map_name
 
 SHOW = 20  # ids listed in a message before "... (N in all)"
 
@@ -221,6 +221,7 @@ def check_datasets(shards: List[Shard], errors: List[str]) -> None:
     names = sorted({n for s in shards for n in s.row_sets if s.length(n)})
     for name in names:
         _check_rows(shards, name, errors)
+    _check_declared(shards, names, errors)
     skipped = sorted({n for n in names if n.startswith("skipped/")})
     expected = sorted(skipped_name(f) for f in SKIP_FIELDS)
     if skipped and skipped != expected:
@@ -235,6 +236,22 @@ def check_datasets(shards: List[Shard], errors: List[str]) -> None:
         differ = [s.name for s in holders[1:] if not ref.fixed[name].equals(s.fixed[name])]
         if differ:
             errors.append(f"dataset {name} differs between {ref.name} and {', '.join(differ)}")
+
+
+def _check_declared(shards: List[Shard], names: List[str], errors: List[str]) -> None:
+    """Every map row dataset is an output its technique declares (or an evaluation of one)."""
+    from pipeline.techniques import REGISTRY
+
+    for name in names:
+        parts = split_map_name(name)
+        if parts is None or parts[3] is not None or parts[0] not in REGISTRY:
+            continue
+        technique, _, output, _ = parts
+        declared = REGISTRY[technique].outputs
+        if output not in declared:
+            holders = ", ".join(s.name for s in shards if name in s.row_sets)
+            errors.append(f"row dataset {name} in {holders} is not an output {technique} declares "
+                          f"({', '.join(sorted(declared))})")
 
 
 def _check_rows(shards: List[Shard], name: str, errors: List[str]) -> None:

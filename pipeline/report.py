@@ -24,6 +24,7 @@ import yaml
 from pipeline.report_html import Image, Raw, esc, facts, figure, fmt, grid, page, table
 from pipeline.report_sweep import _sweep_overrides, anchors, sweep_table
 from pipeline.store import MAPS, Column, open_run
+from pipeline.store.layout import split_map_name
 
 MAX_IMAGES = 12
 BLOCK_BYTES = 32 << 20  # rows read at a time for the statistics: about this many bytes
@@ -44,6 +45,7 @@ class Stats:
     dataset: str
     shape: Tuple[int, ...]  # valid rows first
     dtype: str
+    declared: str = ""  # "<kind> <shape>" as its technique declares the output; "evaluation" for a metric
     count: int = 0  # finite values
     nonfinite: int = 0  # NaN and inf values, left out of the statistics
     mean: Optional[float] = None
@@ -79,10 +81,24 @@ class Stats:
 
 def column_stats(col: Column) -> Stats:
     """Statistics of a row dataset's committed rows, a block of rows at a time."""
-    stats = Stats(col.name, col.shape, col.stored_dtype)
+    stats = Stats(col.name, col.shape, col.stored_dtype, declared(col.name))
     for _, block in col.blocks(BLOCK_BYTES):
         stats.add(block)
     return stats
+
+
+def declared(name: str) -> str:
+    """How the technique of a map dataset declares it ("heatmap [N, K, h, w]"), from the registry."""
+    from pipeline.techniques import REGISTRY
+
+    parts = split_map_name(name)
+    if parts is None:
+        return ""
+    technique, _, output, metric = parts
+    if metric is not None:
+        return f"evaluation ({metric})"
+    decl = getattr(REGISTRY.get(technique), "outputs", {}).get(output)
+    return f"{decl.kind} {decl.shape}" if decl is not None else "(not declared)"
 
 
 def dataset_stats(ds, rows: int) -> Stats:
@@ -247,10 +263,10 @@ def _statistics(run: Run) -> str:
     if not run.stats:
         return '<p class="muted">(no map datasets)</p>'
     return ('<p class="muted">Over the valid rows; NaN and inf values are left out and counted.</p>' + table(
-        ["dataset", "shape", "dtype", "mean", "std", "min", "max", "non-finite"],
-        [[s.dataset, "\u00d7".join(map(str, s.shape)), s.dtype, fmt(s.mean), fmt(s.std), fmt(s.min),
+        ["dataset", "declared as", "shape", "dtype", "mean", "std", "min", "max", "non-finite"],
+        [[s.dataset, s.declared, "\u00d7".join(map(str, s.shape)), s.dtype, fmt(s.mean), fmt(s.std), fmt(s.min),
           fmt(s.max), fmt(s.nonfinite)] for s in run.stats],
-        numeric=(3, 4, 5, 6, 7)))
+        numeric=(4, 5, 6, 7, 8)))
 
 
 def _versions(run: Run) -> str:

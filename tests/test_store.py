@@ -315,3 +315,26 @@ def test_a_summary_edited_in_one_shard_is_refused(sharded, tmp_path):
         f["summary/top_scores/relu2/count"][...] = 99
     with pytest.raises(MergeError, match="summary/top_scores/relu2/count differs from what its statistics"):
         merge([d0, d1, edited], tmp_path / "merged.h5")
+
+
+def test_merge_refuses_a_row_dataset_its_technique_does_not_declare(sharded, tmp_path):
+    from pipeline.merge import MergeError
+
+    d0, d1, d2 = sharded["shards"]
+    odd = tmp_path / "odd"
+    shutil.copytree(d1, odd)
+    with h5py.File(odd / "maps.h5", "a") as f:
+        rows = int(f.attrs["rows"])
+        f.create_dataset("erf/relu2/extra", data=np.zeros((rows, 2), np.float32), maxshape=(None, 2))
+    with pytest.raises(MergeError, match=r"row dataset erf/relu2/extra in .*odd.* is not an output erf declares \(map\)"):
+        merge([d0, odd, d2], tmp_path / "merged.h5")
+
+
+def test_the_report_says_how_each_map_is_declared():
+    from pipeline import report
+
+    cam = REGISTRY["gradcam"].outputs["cam"]
+    assert report.declared("gradcam/relu2/cam") == f"heatmap {cam.shape}"
+    assert report.declared("gradcam/relu2/cam.deletion") == "evaluation (deletion)"
+    assert report.declared("gradcam/relu2/nothing") == "(not declared)"
+    assert report.declared("id") == "" and report.declared("skipped/id") == ""
