@@ -87,16 +87,12 @@ def compare(a_path: Path, b_path: Path) -> List[Tuple[str, float, str]]:
 
 
 def code_imports(cfg) -> List[str]:
-    """What re-running `cfg` would import and call as Python code: a checkpoint model's
-    `model.arch=package.module:Class` (pipeline.families.checkpoint.arch_net). Every other model kind only builds
-    names from the torchvision / timm registries, and technique and data keys name nothing
-    importable; a TorchScript checkpoint is TorchScript, not Python, and imports nothing."""
-    model = cfg.model
-    arch = model.arch
-    if model.kind == "checkpoint" and arch is not None and ":" in str(arch):
-        module_name, _, attr = str(arch).partition(":")
-        return [f"model.arch={arch!r}: import the Python module {module_name!r} and call its {attr!r}"]
-    return []
+    """What re-running `cfg` would import and call as Python code: its model family's `imports`
+    hook (pipeline.families: a checkpoint's `model.arch=package.module:Class`). Technique and data
+    keys name nothing importable."""
+    from pipeline.families import code_imports as model_imports
+
+    return model_imports(cfg.model)
 
 
 def reproduce(run_dir: Path, out_dir: Optional[Path] = None, device: Optional[str] = None,

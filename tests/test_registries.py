@@ -160,3 +160,19 @@ def test_a_schema_of_the_wrong_type_is_refused(tmp_path):
     finally:
         FAMILIES.pop("untyped")
         SCHEMAS.pop("untyped")
+
+
+def test_a_family_says_what_code_it_imports_and_reproduce_asks_for_trust():
+    """reproduce's --trust-code question comes from each family's `imports` hook, not from a list of kinds."""
+    from pipeline.families.base import IMPORTS
+    from pipeline.reproduce import code_imports
+
+    @register_family("plugin_net", imports=lambda cfg: [f"import {cfg.name}"])
+    def plugin_net(cfg, load_weights):  # pragma: no cover - never built here
+        raise AssertionError
+
+    try:
+        assert code_imports(OmegaConf.create({"model": {"kind": "plugin_net", "name": "my.nets"}})) == ["import my.nets"]
+        assert code_imports(OmegaConf.create({"model": {"kind": "timm", "name": "resnet18"}})) == []
+    finally:
+        FAMILIES.pop("plugin_net"), IMPORTS.pop("plugin_net")

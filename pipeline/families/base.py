@@ -33,12 +33,15 @@ class Built:
 Builder = Callable[[Any, bool], Built]
 FAMILIES: Dict[str, Builder] = {}
 SCHEMAS: Dict[str, type] = {}  # name -> a pipeline.config.ModelConfig subclass with the family's own keys
+IMPORTS: Dict[str, Callable[[Any], List[str]]] = {}  # name -> what building cfg imports as Python code
 
 
-def register_family(name: str, schema: Optional[type] = None):
+def register_family(name: str, schema: Optional[type] = None, imports: Optional[Callable[[Any], List[str]]] = None):
     """Function decorator: register `builder(cfg, load_weights) -> Built` as model.kind=`name`
     (a duplicate name raises ValueError). `schema`: a ModelConfig subclass typing the family's
-    extra keys, stored as `schema/model/<name>` for its YAML to pull in."""
+    extra keys, stored as `schema/model/<name>` for its YAML to pull in. `imports(cfg)`: the
+    Python code building `cfg` would import and call, one line each (`reproduce` refuses such
+    a recorded config without --trust-code); a family that only names registry entries has none."""
 
     def wrap(builder: Builder) -> Builder:
         if name in FAMILIES:
@@ -46,6 +49,8 @@ def register_family(name: str, schema: Optional[type] = None):
         FAMILIES[name] = builder
         if schema is not None:
             SCHEMAS[name] = schema
+        if imports is not None:
+            IMPORTS[name] = imports
         return builder
 
     return wrap
@@ -57,6 +62,12 @@ def get_family(name: str) -> Builder:
         return FAMILIES[name]
     except KeyError:
         raise ConfigError(f"model.kind={name!r} is unknown; known: {', '.join(sorted(FAMILIES))}") from None
+
+
+def code_imports(cfg) -> List[str]:
+    """What building the `model` config `cfg` would import and call as Python code (its family's hook)."""
+    hook = IMPORTS.get(cfg.kind)
+    return list(hook(cfg)) if hook is not None else []
 
 
 def imagenet_classes() -> List[str]:

@@ -6,7 +6,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -114,7 +114,17 @@ def checkpoint_net(path: str, arch: Optional[str], num_classes: Optional[int]) -
     return model
 
 
-@register_family("checkpoint")
+def arch_imports(cfg) -> List[str]:
+    """`model.arch=package.module:Class` imports that module and calls that class; a torchvision /
+    timm name or a TorchScript file imports no Python code of its own."""
+    arch = cfg.arch
+    if arch is not None and ":" in str(arch):
+        module_name, _, attr = str(arch).partition(":")
+        return [f"model.arch={arch!r}: import the Python module {module_name!r} and call its {attr!r}"]
+    return []
+
+
+@register_family("checkpoint", imports=arch_imports)
 def build(cfg, load_weights: bool) -> Built:
     """model.path: TorchScript (model.arch null) or a state dict for model.arch; `load_weights=False`
     builds model.arch alone without reading the file (TorchScript is loaded: it is the architecture)."""
