@@ -14,12 +14,12 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, validate
 from pipeline.contracts import Kind
-from pipeline.data import Source, build_source, resolve_shard
+from pipeline.data import build_source, resolve_shard
 from pipeline.data.loader import Loader
 from pipeline.errors import RunError
 from pipeline.evaluation import SanityCheck, deletion_insertion, heatmaps
@@ -28,7 +28,9 @@ from pipeline.io.lock import RunDirLock
 from pipeline.io.plots import write_plots
 from pipeline.io.space import remove_stale_temporaries
 from pipeline.io.writer import AsyncWriter, BatchRecord
-from pipeline.models import LoadedModel, build_model, last_conv_block, probe_shapes, resolve_layers
+from pipeline.models import build_model
+from pipeline.planning import (Plan, as_config, build_techniques, check_clips, check_torchscript, choose_layers,
+                               resolve_device, run_key)
 from pipeline.progress import NO_PROGRESS, BatchProgress
 from pipeline.provenance import attempt, command_line, provenance
 from pipeline.runlevel import generate_all, write_field_table, write_summaries
@@ -36,7 +38,7 @@ from pipeline.store import MapsFile
 from pipeline.store.layout import metric_output
 from pipeline.summaries import Summaries
 from pipeline.targets import TargetSpec
-from pipeline.techniques import Pass, Technique, get_technique
+from pipeline.techniques import Pass, Technique
 
 log = logging.getLogger("pipeline")
 # tqdm's default bar with the count shown to one decimal: a batch's inputs move the bar part-way
@@ -70,99 +72,29 @@ class Summary:
         return "; ".join(parts) + f" -> {self.out_dir}"
 
 
-@dataclass
-class Plan:
-    """Everything checked and built before the first input is decoded."""
-
-    cfg: DictConfig
-    device: torch.device
-    model: LoadedModel
-    layers: List[str]
-    target: TargetSpec
-    techniques: Dict[str, Technique]
-    source: Source
-    sanity: Optional[SanityCheck] = None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but CUDA is not available; use device=auto or cpu")
-    return torch.device(name)
-
-
-def _as_config(cfg) -> DictConfig:
-    return cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
-
-
 def plan(cfg) -> Plan:
     """Validate the config, build model, techniques and source; raises ConfigError on any problem.
     `data.shard=auto` is resolved here (a Slurm job array's task, else all)."""
-    cfg = _as_config(cfg)
+    cfg = as_config(cfg)
     validate(cfg)
     if cfg.data.shard == "auto":
         cfg = copy.deepcopy(cfg)
         cfg.data.shard = resolve_shard("auto")
-    techniques: Dict[str, Technique] = {}
-    for name, options in cfg.technique.items():
-        try:
-            techniques[name] = get_technique(name)(**OmegaConf.to_container(options, resolve=True))
-        except (KeyError, TypeError, ValueError) as err:
-            raise ConfigError(f"technique {name}: {err}") from None
+    techniques = build_techniques(cfg)
     source = build_source(cfg.data)  # missing path / empty folder fail here, before the model loads
     device = resolve_device(cfg.device)
     model = build_model(cfg.model, device, cfg.data.clip_len)
-    clips = source.clip_len is not None
-    if model.is_video and not clips:
-        raise ConfigError(f"{model.description} is a 3D video CNN: it needs clips, e.g. data=video "
-                          "data.path=FILE data.clip_len=16")
-    if clips and not model.is_video:
-        raise ConfigError(f"data.clip_len={cfg.data.clip_len} makes clips, but {model.description} "
-                          "is not a 3D (video) CNN; drop data.clip_len to use single frames")
+    check_clips(model, source, cfg)
     try:
         target = TargetSpec.parse(cfg.target, model.class_names)
         for technique in techniques.values():
             technique.setup(model)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if isinstance(model.module, torch.jit.ScriptModule):
-        refused = [name for name, t in techniques.items() if t.uses_layers or not t.torchscript]
-        if refused:
-            raise ConfigError(
-                f"{refused} need the model's Python modules (layers to hook, ReLUs to reroute) and a "
-                "TorchScript model has none; use an input-space technique (saliency, gradxinput, "
-                "smoothgrad, integrated_gradients, occlusion) or save a state dict and set model.arch")
-    layers: List[str] = []
-    layered = [t for t in techniques.values() if t.uses_layers]
-    try:
-        target.check(model.num_classes)
-        if layered:
-            shapes = probe_shapes(model.module, model.example(device))
-            layers = resolve_layers(model.module, cfg.layers) if cfg.layers else [last_conv_block(model.module, shapes)]
-            for technique in layered:
-                technique.check_layers({layer: shapes.get(layer) for layer in layers})
-        for technique in techniques.values():
-            technique.check_model(model.module, layers if technique.uses_layers else [])
-    except ValueError as err:  # ConfigError included
-        raise ConfigError(str(err)) from None
+    check_torchscript(model, techniques)
+    layers = choose_layers(cfg, model, device, techniques, target)
     sanity = SanityCheck(model.module, cfg.evaluate.sanity_steps, cfg.seed) if cfg.evaluate.sanity else None
     return Plan(cfg, device, model, layers, target, techniques, source, sanity)
-
-
-def run_key(p: Plan) -> dict:
-    """What the rows of maps.h5 mean; a resumed run must match it."""
-    data = OmegaConf.to_container(p.cfg.data, resolve=True)
-    data.pop("limit", None)
-    return {
-        "model": OmegaConf.to_container(p.cfg.model, resolve=True),
-        "data": data,
-        "technique": OmegaConf.to_container(p.cfg.technique, resolve=True),
-        "layers": p.layers,
-        "target": str(p.cfg.target),
-        "evaluate": OmegaConf.to_container(p.cfg.evaluate, resolve=True),
-        "store": OmegaConf.to_container(p.cfg.store, resolve=True),
-    }
 
 
 def seed_everything(seed: int) -> None:

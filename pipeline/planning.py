@@ -1,0 +1,109 @@
+"""What a run is, checked before any work: the `Plan` (model, layers, target, techniques, source)
+and the checks `runner.plan` runs to build it; `run_key`, what the rows of maps.h5 mean."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import ConfigError
+from pipeline.data import Source
+from pipeline.evaluation import SanityCheck
+from pipeline.models import LoadedModel, last_conv_block, probe_shapes, resolve_layers
+from pipeline.targets import TargetSpec
+from pipeline.techniques import Technique, get_technique
+
+
+@dataclass
+class Plan:
+    """Everything checked and built before the first input is decoded."""
+
+    cfg: DictConfig
+    device: torch.device
+    model: LoadedModel
+    layers: List[str]
+    target: TargetSpec
+    techniques: Dict[str, Technique]
+    source: Source
+    sanity: Optional[SanityCheck] = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available; use device=auto or cpu")
+    return torch.device(name)
+
+
+def as_config(cfg) -> DictConfig:
+    return cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+
+
+def build_techniques(cfg) -> Dict[str, Technique]:
+    """Every configured technique with its options; a bad name or option is a ConfigError."""
+    techniques: Dict[str, Technique] = {}
+    for name, options in cfg.technique.items():
+        try:
+            techniques[name] = get_technique(name)(**OmegaConf.to_container(options, resolve=True))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"technique {name}: {err}") from None
+    return techniques
+
+
+def check_clips(model: LoadedModel, source: Source, cfg) -> None:
+    """A 3D (video) CNN needs clips, and clips need one."""
+    clips = source.clip_len is not None
+    if model.is_video and not clips:
+        raise ConfigError(f"{model.description} is a 3D video CNN: it needs clips, e.g. data=video "
+                          "data.path=FILE data.clip_len=16")
+    if clips and not model.is_video:
+        raise ConfigError(f"data.clip_len={cfg.data.clip_len} makes clips, but {model.description} "
+                          "is not a 3D (video) CNN; drop data.clip_len to use single frames")
+
+
+def check_torchscript(model: LoadedModel, techniques: Dict[str, Technique]) -> None:
+    """A TorchScript model has no Python modules: only input-space techniques can use it."""
+    if isinstance(model.module, torch.jit.ScriptModule):
+        refused = [name for name, t in techniques.items() if t.uses_layers or not t.torchscript]
+        if refused:
+            raise ConfigError(
+                f"{refused} need the model's Python modules (layers to hook, ReLUs to reroute) and a "
+                "TorchScript model has none; use an input-space technique (saliency, gradxinput, "
+                "smoothgrad, integrated_gradients, occlusion) or save a state dict and set model.arch")
+
+
+def choose_layers(cfg, model: LoadedModel, device: torch.device, techniques: Dict[str, Technique],
+                  target: TargetSpec) -> List[str]:
+    """The layers (patterns resolved; none given: the last conv block), checked by every technique."""
+    layers: List[str] = []
+    layered = [t for t in techniques.values() if t.uses_layers]
+    try:
+        target.check(model.num_classes)
+        if layered:
+            shapes = probe_shapes(model.module, model.example(device))
+            layers = resolve_layers(model.module, cfg.layers) if cfg.layers else [last_conv_block(model.module, shapes)]
+            for technique in layered:
+                technique.check_layers({layer: shapes.get(layer) for layer in layers})
+        for technique in techniques.values():
+            technique.check_model(model.module, layers if technique.uses_layers else [])
+    except ValueError as err:  # ConfigError included
+        raise ConfigError(str(err)) from None
+    return layers
+
+
+def run_key(p: Plan) -> dict:
+    """What the rows of maps.h5 mean; a resumed run must match it."""
+    data = OmegaConf.to_container(p.cfg.data, resolve=True)
+    data.pop("limit", None)
+    return {
+        "model": OmegaConf.to_container(p.cfg.model, resolve=True),
+        "data": data,
+        "technique": OmegaConf.to_container(p.cfg.technique, resolve=True),
+        "layers": p.layers,
+        "target": str(p.cfg.target),
+        "evaluate": OmegaConf.to_container(p.cfg.evaluate, resolve=True),
+        "store": OmegaConf.to_container(p.cfg.store, resolve=True),
+    }
