@@ -238,12 +238,17 @@ def test_adaptive_pool_and_interpolation_resample_the_map():
 
 
 # -- channels-last features and moved axes ---------------------------------------------------------
-def test_channels_last_block_and_transposes_move_the_spatial_axes():
-    mask = crop_mask(6, 10, slice(0, 2), slice(3, 9))
-    layers = ["conv", "to_last", "norm", "mlp", "act", "proj", "to_first", "flip", "unflip", "head"]
-    graph, out = propagate(ChannelsLast(), mask, layers)
+def crop_through(model, size, crop, layers):
+    """(graph, maps by layer, the crop's mask [H, W], its 3x3 box filter) of a crop propagated."""
+    mask = crop_mask(*size, *crop)
+    graph, out = propagate(model, mask, layers)
     m = mask[0, 0].numpy()
-    b = box2d(m, 3, 1, 1)
+    return graph, out, m, box2d(m, 3, 1, 1)
+
+
+def test_channels_last_block_and_transposes_move_the_spatial_axes():
+    layers = ["conv", "to_last", "norm", "mlp", "act", "proj", "to_first", "flip", "unflip", "head"]
+    graph, out, m, b = crop_through(ChannelsLast(), (6, 10), (slice(0, 2), slice(3, 9)), layers)
     ref = (m + 3 * b) / 4  # a linear layer over channels mixes all four channels' maps
     for layer, refs in [("to_last", [m, b, b, b]), ("norm", [m, b, b, b]), ("mlp", [ref] * 8),
                         ("act", [ref] * 8), ("proj", [ref] * 4)]:
@@ -266,11 +271,8 @@ def test_channels_last_block_and_transposes_move_the_spatial_axes():
 
 # -- reshapes, reductions, shape queries; where the spatial path ends ------------------------------
 def test_reshapes_and_reductions_keep_or_end_the_spatial_path():
-    mask = crop_mask(8, 8, slice(2, 6), slice(0, 3))
     layers = ["conv", "groups", "merged", "summed", "back", "kept", "cast", "rows", "over_w", "pooled"]
-    graph, out = propagate(Paths(), mask, layers)
-    m = mask[0, 0].numpy()
-    b = box2d(m, 3, 1, 1)
+    graph, out, m, b = crop_through(Paths(), (8, 8), (slice(2, 6), slice(0, 3)), layers)
     mean = (m + 3 * b) / 4  # a reduction over channels averages their maps
     expected = {"groups": ((1, 2, 2, 8, 8), [m, b, b, b]), "merged": ((1, 4, 8, 8), [m, b, b, b]),
                 "summed": ((1, 8, 8), [mean]), "back": ((1, 1, 8, 8), [mean]), "kept": ((1, 1, 8, 8), [mean]),
