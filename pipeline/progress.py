@@ -61,6 +61,7 @@ class BatchProgress:
 
     def __init__(self, bar, n: int, slots: int):
         self.bar, self.n, self.slots = bar, n, max(1, slots)
+        self.start = bar.n  # a whole number: batches end whole, skipped inputs are whole
         self.position = 0.0  # inputs of this batch shown as done
 
     def slot(self, index: int) -> Progress:
@@ -70,7 +71,9 @@ class BatchProgress:
         """Show `slots_done` of the batch's slots as done (the bar never moves back)."""
         position = self.n * min(1.0, slots_done / self.slots)
         if position > self.position + 1e-9:
-            self.bar.update(position - self.position)
+            # moved to start + position, not by the step: float steps would add up past the
+            # batch's end (and past the bar's total, which tqdm clamps with a warning)
+            self.bar.update((self.start + position) - self.bar.n)
             self.position = position
 
     def finish(self) -> None:

@@ -113,6 +113,18 @@ def test_slow_techniques_move_the_bar_within_a_batch(make_cfg, image_folder, tin
     assert len(inside) >= 3 and inside == sorted(inside)
 
 
+def test_the_bar_ends_exactly_at_its_total_with_skipped_inputs(make_cfg, image_folder, tiny_checkpoint, tmp_path, bars):
+    """Float steps within batches, whole batches and skipped inputs: the bar's count is the number
+    of inputs, exactly (tqdm warns and clamps a count past its total)."""
+    (image_folder / "broken.png").write_bytes(b"not an image")
+    run(make_cfg(*tiny_overrides(tiny_checkpoint, image_folder, "technique=[gradcam,occlusion,saliency]",
+                                 "layers=[relu2]", "technique.occlusion.window=8", "technique.occlusion.stride=8",
+                                 "batch_size=3", "max_batch=2")), tmp_path / "run")
+    (bar,) = bars
+    assert bar.total == 8 and bar.n == 8 and max(bar.positions) == 8
+    assert all(p <= bar.total for p in bar.positions)
+
+
 def test_closing_line_digits_and_what_was_generated(tmp_path):
     slow = Summary(tmp_path, 2, 2, 0, 162.0, 2 / 162.0, 0)
     assert "0.0123 images/s" in slow.line() and "162 s" in slow.line()
