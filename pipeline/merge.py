@@ -61,6 +61,7 @@ class SummaryPlan:
     technique: object
     stats: Optional[dict]  # combined over the shards
     facts: Dict[Tuple[str, str], np.ndarray]
+    final: Dict[Tuple[str, str], np.ndarray] = field(default_factory=dict)  # finalized and completed
 
 
 def _summary_techniques(shards: List[Shard], errors: List[str]) -> Dict[str, object]:
@@ -87,12 +88,13 @@ def _facts(name: str, technique, s: Shard, errors: List[str]) -> Optional[Dict[T
     facts = {key: col.read() for key, col in s.run.summary_facts(name).items()}
     stats, _ = s.run.summary_stats(name)
     stored = s.run.summary(name)
+    completed = {key for key in stored if key[1] in technique.completed_outputs}  # cut from inputs: not re-made here
     if stats is None:  # written before summaries kept their statistics: facts are what finalize does not make
         stats = stats_of_rows(technique, name, s.run)
         made = technique.finalize(stats) if stats is not None else {}
-        facts = {key: a for key, a in stored.items() if key not in made}
+        facts = {key: a for key, a in stored.items() if key not in made and key not in completed}
     expected = {**technique.finalize(stats), **facts}
-    for key in sorted(set(stored) | set(expected)):
+    for key in sorted((set(stored) - completed) | set(expected)):
         if key not in stored or key not in expected or not _same(stored[key], expected[key]):
             errors.append(f"{s.name}: summary/{name}/{key[0]}/{key[1]} differs from what its statistics and "
                           "model facts give (edited or damaged?)")
@@ -127,7 +129,13 @@ def plan_summaries(shards: List[Shard], errors: List[str], warnings: List[str]) 
         if facts is None:
             warnings.append(f"{name} rows but no shard has summary/{name} (none finished?); its model facts "
                             "are left out of the merged summary")
-        plans[name] = SummaryPlan(technique, stats, facts or {})
+        plan = SummaryPlan(technique, stats, facts or {})
+        plan.final = technique.finalize(stats)
+        try:  # what is cut from inputs (dataset examples' patches) comes from the shards' summaries
+            plan.final.update(technique.complete(plan.final, plan.facts, None, [s.run.summary(name) for s in shards]))
+        except ValueError as err:
+            errors.append(str(err))
+        plans[name] = plan
     return plans
 
 
@@ -159,7 +167,7 @@ def _write(shards: List[Shard], tmp: Path, run_key: dict, merged_from: list, sum
         for s in shards:
             out.append_skipped(s.run.skipped())
         for name, plan in summaries.items():
-            out.write_summary(name, plan.technique.finalize(plan.stats), plan.stats, plan.facts, out.rows)
+            out.write_summary(name, plan.final, plan.stats, plan.facts, out.rows)
         return out.rows, out.skipped_rows
     finally:
         out.close()

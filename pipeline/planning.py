@@ -107,3 +107,9 @@ def run_key(p: Plan) -> dict:
         "evaluate": OmegaConf.to_container(p.cfg.evaluate, resolve=True),
         "store": OmegaConf.to_container(p.cfg.store, resolve=True),
     }
+
+
+def decode_side(p: Plan) -> Optional[int]:
+    """The shorter side large JPEGs may be decoded at (data.reduced_decode): the model's resize;
+    None with a crop box, which is in full-size pixels."""
+    return p.model.preprocess.resize if p.cfg.data.crop is None and p.cfg.data.reduced_decode else None

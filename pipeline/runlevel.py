@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.data.loader import Loader
 from pipeline.io.render import render_gallery, render_summary
+from pipeline.planning import decode_side
 from pipeline.progress import Progress, follow
 from pipeline.rf.table import field_table, table_arrays
 from pipeline.store import MapsFile
@@ -56,6 +58,22 @@ def _generate(p, name: str, technique, maps_file: MapsFile, out_dir: Path, bar: 
     return line
 
 
+def input_fetcher(p) -> Callable:
+    """fetch(ids) -> batches of (ids, display [n, S, S, 3] uint8, x [n, 3, S, S] on the device):
+    this run's inputs decoded again by id, as the model saw them (for Technique.complete)."""
+    by_id = {item.id: item for item in p.source.items}
+    cfg = p.cfg
+
+    def fetch(ids: Sequence[str]) -> Iterator[Tuple[List[str], np.ndarray, torch.Tensor]]:
+        items = [by_id[i] for i in dict.fromkeys(ids) if i in by_id]
+        with Loader(p.source, items, cfg.data.crop, p.model.preprocess, cfg.batch_size, 0, decode_side(p)) as loader:
+            for batch in loader:
+                if batch.items:
+                    yield [it.id for it in batch.items], batch.display, batch.x.to(p.device)
+
+    return fetch
+
+
 def describe_generated(arrays: Dict[tuple, np.ndarray]) -> str:
     """"112 images of blocks.4, 2 images of logits": what a data-free technique made, per layer."""
     parts = [f"{len(a)} images of {layer}" for (layer, output), a in arrays.items() if output == "images"]
@@ -78,7 +96,7 @@ def write_field_table(p, maps_file: MapsFile) -> None:
 def write_summaries(p, out_dir: Path, summaries: Summaries, maps_file: MapsFile) -> None:
     """Run-level summaries over every committed row (e.g. the mean effective receptive field),
     under summary/<technique>/, and drawn."""
-    for name, arrays in summaries.write(maps_file).items():
+    for name, arrays in summaries.write(maps_file, input_fetcher(p)).items():
         technique = p.techniques[name]
         if p.cfg.render.png and render_summary(out_dir, name, arrays, technique.draw(), p.cfg.render):
             log.info("wrote %s", out_dir / "png" / f"{name}.png")

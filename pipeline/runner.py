@@ -30,7 +30,7 @@ from pipeline.io.space import remove_stale_temporaries
 from pipeline.io.writer import AsyncWriter, BatchRecord
 from pipeline.models import build_model
 from pipeline.planning import (Plan, as_config, build_techniques, check_clips, check_torchscript, choose_layers,
-                               resolve_device, run_key)
+                               decode_side, resolve_device, run_key)
 from pipeline.progress import NO_PROGRESS, BatchProgress
 from pipeline.provenance import attempt, command_line, provenance
 from pipeline.runlevel import generate_all, write_field_table, write_summaries
@@ -200,9 +200,7 @@ def _inputs(p: Plan, out_dir: Path, maps_file: MapsFile, record: AttemptRecord, 
     summaries = Summaries(per_input)
     if summaries and maps_file.rows:
         summaries.resume(maps_file.reader())
-    # large JPEGs may be decoded at reduced size (data.reduced_decode); not with a crop box, which is in full-size pixels
-    min_side = p.model.preprocess.resize if cfg.data.crop is None and cfg.data.reduced_decode else None
-    loader = Loader(p.source, todo, cfg.data.crop, p.model.preprocess, cfg.batch_size, cfg.num_workers, min_side)
+    loader = Loader(p.source, todo, cfg.data.crop, p.model.preprocess, cfg.batch_size, cfg.num_workers, decode_side(p))
     count = Count()
     try:
         with loader:  # the decoder processes start here: their start-up counts in images/s

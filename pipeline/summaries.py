@@ -102,14 +102,16 @@ class Summaries:
                 part = t.partial(rows, ids)
                 self.stats[name] = part if self.stats[name] is None else t.combine(self.stats[name], part)
 
-    def write(self, maps_file) -> Dict[str, Dict[Tuple[str, str], np.ndarray]]:
-        """summary/<technique> for every technique with statistics; returns the summaries written."""
+    def write(self, maps_file, fetch=None) -> Dict[str, Dict[Tuple[str, str], np.ndarray]]:
+        """summary/<technique> for every technique with statistics (completed from the inputs
+        `fetch` decodes again, see Technique.complete); returns the summaries written."""
         written = {}
         for name, t in self.techniques.items():
             stats = self.stats[name]
             if stats is None:
                 continue
             final, facts = t.finalize(stats), t.facts()
+            final.update(t.complete(final, facts, fetch))
             maps_file.write_summary(name, final, stats, facts, maps_file.rows)
             written[name] = {**final, **facts}
         return written

@@ -104,3 +104,28 @@ class TinyNet3D(nn.Module):
     def forward(self, x):
         x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
         return self.fc(self.pool(x).flatten(1))
+
+
+class BrightSpot(nn.Module):
+    """Channel 0 of `conv2` measures brightness: conv1 (5x5, stride 2) and conv2 (3x3, stride 2)
+    average the image there (receptive field 9 px, jump 4), so it fires where a bright square
+    is; the other channels are random. Layers conv1, relu1, conv2, relu2, pool, fc."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 5, stride=2, padding=2)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, num_classes)
+        with torch.no_grad():
+            self.conv1.weight[0] = 1.0 / 75
+            self.conv1.bias[0] = 0.0
+            self.conv2.weight[0] = 0.0
+            self.conv2.weight[0, 0] = 1.0 / 9
+            self.conv2.bias[0] = 0.0
+
+    def forward(self, x):
+        x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+        return self.fc(self.pool(x).flatten(1))

@@ -266,6 +266,7 @@ class Technique:
     uses_data: ClassVar[bool] = True  # False: generate() once per run instead of per batch
     video: ClassVar[bool] = True  # False: images only; refused (check_layers) on 3D video models
     has_summary: ClassVar[bool] = False  # True: partial/combine/finalize make a run-level summary
+    completed_outputs: ClassVar[FrozenSet[str]] = frozenset()  # summary outputs complete() adds
 
     @dataclass
     class Options:
@@ -329,6 +330,13 @@ class Technique:
 
     def facts(self) -> Dict[Tuple[str, str], np.ndarray]:
         """Summary arrays that come from the model, not from rows (after check_model)."""
+        return {}
+
+    def complete(self, final, facts, fetch, earlier=()) -> Dict[Tuple[str, str], np.ndarray]:
+        """Summary arrays cut from inputs at the end (`completed_outputs`, e.g. dataset examples'
+        patches): from `earlier` summaries (a merge's shards) where they hold them, else from the
+        inputs `fetch(ids)` decodes again (batches of (ids, display [n, S, S, 3], x [n, 3, S, S]));
+        `fetch` is None in a merge. Default: none."""
         return {}
 
     def summarize(self, rows: Dict[Tuple[str, str], np.ndarray], ids: Optional[Sequence[str]] = None

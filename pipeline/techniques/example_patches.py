@@ -1,0 +1,140 @@
+"""The patches of dataset_examples: for each kept example, the model-input crop under the
+receptive field of the unit where its channel fires most (`rf`), under the region holding 90% of
+that unit's input gradient (`erf`), or the whole input (`full`), resized to P x P with the unit
+at the centre. Not a technique: helpers of pipeline/techniques/dataset_examples.py."""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Tuple
+
+import cv2
+import numpy as np
+
+log = logging.getLogger("pipeline")
+ERF_MASS = 0.9  # patch=erf: the square around the unit holding this share of |input gradient|
+
+
+def square(field: np.ndarray, uy: int, ux: int, side: int) -> Tuple[int, int, int]:
+    """(x0, y0, L): the unclipped L x L square of input pixels centred on unit (uy, ux)'s
+    receptive field (field [2, 3]: (y, x) x (start, jump, size)); the whole input if untraced."""
+    if field[0, 2] <= 0:
+        return 0, 0, side
+    cy, cx = field[0, 0] + uy * field[0, 1], field[1, 0] + ux * field[1, 1]
+    size = int(round(max(field[0, 2], field[1, 2])))
+    return int(round(cx - (size - 1) / 2)), int(round(cy - (size - 1) / 2)), size
+
+
+def erf_square(grad: np.ndarray, centre: Tuple[float, float]) -> Tuple[int, int, int]:
+    """The smallest square around `centre` (y, x) holding ERF_MASS of the gradient map grad [S, S]."""
+    S = grad.shape[0]
+    total = float(grad.sum())
+    cy, cx = (int(round(v)) for v in centre)
+    cy, cx = min(max(cy, 0), S - 1), min(max(cx, 0), S - 1)
+    prefix = np.pad(grad, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    r = 0
+    for r in range(S):
+        y0, y1, x0, x1 = max(cy - r, 0), min(cy + r + 1, S), max(cx - r, 0), min(cx + r + 1, S)
+        mass = prefix[y1, x1] - prefix[y0, x1] - prefix[y1, x0] + prefix[y0, x0]
+        if total <= 0 or mass >= ERF_MASS * total:
+            break
+    return cx - r, cy - r, 2 * r + 1
+
+
+def place(image: np.ndarray, x0: int, y0: int, side: int, P: int) -> Tuple[np.ndarray, List[int]]:
+    """The square [x0, x0 + side) x [y0, y0 + side) of image [S, S, 3] as [3, P, P] uint8 (black
+    outside the image, so the unit stays at the centre) and the clipped box (x, y, w, h)."""
+    S = image.shape[0]
+    canvas = np.zeros((side, side, 3), np.uint8)
+    ya, yb, xa, xb = max(y0, 0), min(y0 + side, S), max(x0, 0), min(x0 + side, S)
+    if yb > ya and xb > xa:
+        canvas[ya - y0: yb - y0, xa - x0: xb - x0] = image[ya:yb, xa:xb]
+    inter = cv2.INTER_AREA if side > P else cv2.INTER_LINEAR
+    patch = cv2.resize(canvas, (P, P), interpolation=inter) if side != P else canvas
+    return np.ascontiguousarray(patch.transpose(2, 0, 1)), [xa, ya, max(xb - xa, 0), max(yb - ya, 0)]
+
+
+def cut_patches(t, final, facts, fetch, earlier=()) -> Dict[Tuple[str, str], np.ndarray]:
+    """`<side>_box` [C, k, 4] and `<side>_patches` [C, k, 3, P, P] for each layer and side of a
+    finalized dataset_examples summary (see DatasetExamples.complete)."""
+    P, out = t.options.patch_size, {}
+    for layer, side in sorted({(layer, o[: -len("_ids")]) for layer, o in final if o.endswith("_ids")}):
+        ids, argmax = final[layer, f"{side}_ids"], final[layer, f"{side}_argmax"]
+        box = np.zeros(ids.shape + (4,), np.int64)
+        patches = np.zeros(ids.shape + (3, P, P), np.uint8)
+        todo = _from_earlier(layer, side, ids, facts, earlier, box, patches)
+        if todo:
+            if fetch is None:
+                missing = sorted({ids[c, j] for c, j in todo})
+                raise ValueError(f"dataset_examples: {len(missing)} kept example(s) of {layer} have no patch in any "
+                                 f"shard's summary (e.g. {missing[0]}): resume the shard holding them so its run "
+                                 "finishes its summary, then merge again")
+            _from_inputs(t, layer, ids, argmax, facts, fetch, todo, box, patches)
+        out[layer, f"{side}_box"], out[layer, f"{side}_patches"] = box, patches
+    return out
+
+
+def _from_earlier(layer, side, ids, facts, earlier, box, patches) -> List[Tuple[int, int]]:
+    """Fill what earlier summaries (a merge's shards) hold; returns the (channel row, slot) left."""
+    known = {}
+    for summary in earlier:
+        e_ids, e_patches = summary.get((layer, f"{side}_ids")), summary.get((layer, f"{side}_patches"))
+        if e_ids is None or e_patches is None:
+            continue
+        e_box = summary[layer, f"{side}_box"]
+        for c in range(e_ids.shape[0]):
+            for j, i in enumerate(e_ids[c]):
+                known[c, str(i)] = (e_box[c, j], e_patches[c, j])
+    todo = []
+    for c in range(ids.shape[0]):
+        for j, i in enumerate(ids[c]):
+            hit = known.get((c, str(i)))
+            if hit is None:
+                todo.append((c, j))
+            else:
+                box[c, j], patches[c, j] = hit
+    return todo
+
+
+def _from_inputs(t, layer, ids, argmax, facts, fetch, todo, box, patches) -> None:
+    """Cut the patches of `todo` entries from the inputs `fetch` re-decodes, a batch at a time."""
+    field, channels = facts[layer, "field"], facts[layer, "channels"]
+    wanted: Dict[str, List[Tuple[int, int]]] = {}
+    for c, j in todo:
+        wanted.setdefault(str(ids[c, j]), []).append((c, j))
+    found = set()
+    for batch_ids, display, x in fetch(list(wanted)):
+        grads = _erf_grads(t, layer, batch_ids, x, wanted, argmax, channels) if t.options.patch == "erf" else {}
+        for row, i in enumerate(batch_ids):
+            found.add(i)
+            for c, j in wanted.get(i, []):
+                uy, ux = (int(v) for v in argmax[c, j])
+                S = display.shape[1]
+                if t.options.patch == "full":
+                    x0, y0, side = 0, 0, S
+                elif t.options.patch == "erf":
+                    sq = square(field, uy, ux, S)
+                    x0, y0, side = erf_square(grads[c, j], (sq[1] + (sq[2] - 1) / 2, sq[0] + (sq[2] - 1) / 2))
+                else:
+                    x0, y0, side = square(field, uy, ux, S)
+                patches[c, j], box[c, j] = place(display[row], x0, y0, side, patches.shape[-1])
+    lost = sorted(set(wanted) - found)
+    if lost:
+        log.warning("dataset_examples: %d kept input(s) of %s could not be decoded again (moved or changed "
+                    "since?); their patches are black: %s", len(lost), layer, ", ".join(lost[:5]))
+
+
+def _erf_grads(t, layer, batch_ids, x, wanted, argmax, channels) -> Dict[Tuple[int, int], np.ndarray]:
+    """|input gradient| maps of the kept units of this batch's inputs, in rounds of one unit per input."""
+    queue = {row: list(wanted.get(i, [])) for row, i in enumerate(batch_ids)}
+    grads = {}
+    while any(queue.values()):
+        units, slots = [], []
+        for row, entries in queue.items():
+            if entries:
+                c, j = entries.pop()
+                uy, ux = (int(v) for v in argmax[c, j])
+                units.append((row, int(channels[c]), uy, ux))
+                slots.append((c, j))
+        for slot, g in zip(slots, t.unit_grads(x, layer, units)):
+            grads[slot] = g
+    return grads
