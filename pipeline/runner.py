@@ -56,6 +56,7 @@ class Summary:
     pngs: int
     generated: List[str] = field(default_factory=list)  # data-free techniques: "<name> (<what>) in <s> s"
     per_input: bool = True  # the run had per-input techniques
+    summary_seconds: float = 0.0  # the run-level summaries at the end (e.g. dataset examples' patches)
 
     def line(self) -> str:
         """The closing line: inputs done (3 significant digits of throughput, never "0.0"), and
@@ -211,9 +212,11 @@ def _inputs(p: Plan, out_dir: Path, maps_file: MapsFile, record: AttemptRecord, 
     seconds = count.seconds()
     write_summaries(p, out_dir, summaries, maps_file)
     summary = Summary(out_dir, count.done, maps_file.rows, count.skipped, seconds,
-                      count.done / seconds if seconds > 0 else math.nan, pngs, generated)
+                      count.done / seconds if seconds > 0 else math.nan, pngs, generated,
+                      summary_seconds=count.seconds() - seconds)
     record.finished(done=count.done, skipped=count.skipped, seconds=round(seconds, 3),
-                    images_per_s=float(f"{summary.images_per_s:.4g}") if count.done else None)  # never 0.0
+                    images_per_s=float(f"{summary.images_per_s:.4g}") if count.done else None,  # never 0.0
+                    summary_seconds=round(summary.summary_seconds, 3))
     if cfg.evaluate.deletion or cfg.evaluate.insertion or cfg.evaluate.sanity:
         for path in write_plots(out_dir, maps_file.reader()):
             log.info("wrote %s", path)

@@ -1,6 +1,6 @@
 """Throughput of each technique end to end, as a ratio to a bare no-grad forward pass.
 
-    python scripts/bench.py [--n 64] [--batch-size 16] [--device auto] [--repeat 2] [--only foundation|techniques|comparisons|featvis|rf|sweep]
+    python scripts/bench.py [--n 64] [--batch-size 16] [--device auto] [--repeat 2] [--only foundation|techniques|comparisons|featvis|rf|sweep|dataset]
 
 All runs happen in this one process on the same inputs: the bundled sample photos copied to
 --n files. The bare forward pass times only `model(x)` under no_grad on batches already decoded
@@ -15,6 +15,9 @@ one no-grad forward pass of the model on a batch of as many images.
 Section "sweep" (issue 6): `python -m pipeline -m` over 3 layers x 2 techniques on the sample photos
 with the basic launcher and with hydra/launcher=submitit_local; wall time, the jobs' own compute
 time and how long after the command each job started computing.
+
+Section "dataset" (issue 13, scripts/bench_dataset.py): dataset_examples and channel_relevance end
+to end on --n inputs, and their peak resident memory at 256 and 2048 inputs.
 
 Section "featvis" (issue 4): filter_vis for all channels of blocks.4, batched against one channel
 at a time.
@@ -43,6 +46,9 @@ from pipeline.data import SAMPLES_DIR, prepare
 from pipeline.models import build_model
 from pipeline.runner import plan, resolve_device, run
 from pipeline.techniques import REGISTRY
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_dataset import dataset_section  # noqa: E402 - scripts/ beside this file
 
 THREE = "layers=[blocks.5,blocks.6,bn2]"
 CASES = [  # (label, overrides)
@@ -296,7 +302,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--n-small", type=int, default=16, help="inputs per technique in the techniques table")
     parser.add_argument("--names", default=None, help="techniques table: only these (comma-separated)")
-    parser.add_argument("--only", choices=["foundation", "techniques", "comparisons", "featvis", "rf", "sweep"], default=None)
+    parser.add_argument("--only", choices=["foundation", "techniques", "comparisons", "featvis", "rf", "sweep", "dataset"],
+                        default=None)
     args = parser.parse_args(argv)
 
     register_configs()
@@ -327,6 +334,9 @@ def main(argv=None) -> None:
             if args.only in ("techniques", "comparisons"):
                 techniques_section(common, forward, tmp, args)
                 return
+            if args.only == "dataset":
+                dataset_section(common, forward, tmp, args, make_inputs)
+                return
             for label, overrides in CASES:
                 cfg = compose(config_name="config", overrides=common + overrides)
                 best = 0.0
@@ -342,6 +352,7 @@ def main(argv=None) -> None:
                 techniques_section(common, forward, tmp, args)
                 featvis_section(base, device)
                 rf_section(args, device)
+                dataset_section(common, forward, tmp, args, make_inputs)
                 sweep_section(args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
