@@ -66,7 +66,8 @@ def input_fetcher(p) -> Callable:
 
     def fetch(ids: Sequence[str]) -> Iterator[Tuple[List[str], np.ndarray, torch.Tensor]]:
         items = [by_id[i] for i in dict.fromkeys(ids) if i in by_id]
-        with Loader(p.source, items, cfg.data.crop, p.model.preprocess, cfg.batch_size, 0, decode_side(p)) as loader:
+        with Loader(p.source, items, cfg.data.crop, p.model.preprocess, cfg.batch_size, cfg.num_workers,
+                    decode_side(p)) as loader:
             for batch in loader:
                 if batch.items:
                     yield [it.id for it in batch.items], batch.display, batch.x.to(p.device)
