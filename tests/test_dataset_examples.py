@@ -192,3 +192,28 @@ def test_channel_choices_are_checked_before_work():
             parse_channels(bad, 4, "layer 'relu2'")
     with pytest.raises(ValueError, match="score="):
         get_technique("dataset_examples")(score="median")
+
+
+def test_video_frames_are_sought_again_for_their_patches(make_cfg, tiny_checkpoint, tmp_path):
+    """On a frame range, the kept examples are frames (`<video>@<frame>`), and their patches are cut
+    from those frames, sought again at the end: frame i's green level is 10 i."""
+    from tests.test_data import write_video
+
+    video = tmp_path / "clip.mp4"
+    write_video(video, 12, size=(32, 32))
+    cfg = make_cfg("model=checkpoint", f"model.path={tiny_checkpoint}", "model.arch=tests.tinymodels:TinyNet",
+                   "model.num_classes=10", "model.input_size=32", "model.resize=32", "data=video",
+                   f"data.path={video}", "data.start=2", "data.stop=11", "data.step=2", "num_workers=0",
+                   "batch_size=3", "render.png=false", "technique=dataset_examples", "layers=[relu2]",
+                   "technique.dataset_examples.top=2", "technique.dataset_examples.patch=full",
+                   "technique.dataset_examples.patch_size=16")
+    run(cfg, tmp_path / "run")
+    got = examples(tmp_path / "run")
+    ids = got["relu2", "top_ids"]
+    assert all(i.startswith("clip.mp4@") for i in ids.ravel())
+    for c in range(ids.shape[0]):
+        for j, item in enumerate(ids[c]):
+            frame = int(item.rsplit("@", 1)[1])
+            assert frame in (2, 4, 6, 8, 10)
+            green = got["relu2", "top_patches"][c, j, 1].astype(float).mean()
+            assert abs(green - 10 * frame) < 6, (item, green)
