@@ -217,3 +217,30 @@ def test_video_frames_are_sought_again_for_their_patches(make_cfg, tiny_checkpoi
             assert frame in (2, 4, 6, 8, 10)
             green = got["relu2", "top_patches"][c, j, 1].astype(float).mean()
             assert abs(green - 10 * frame) < 6, (item, green)
+
+
+def test_sigkilled_mid_run_and_resumed_equals_the_clean_run(make_cfg, tmp_path):
+    """The main process SIGKILLed after 6 committed rows (its running top-k lost with it): the
+    resumed run's summary equals a clean run's exactly."""
+    import os
+    import signal
+
+    from tests.test_faults import LAYERS as GATED_LAYERS
+    from tests.test_faults import TECHNIQUES, app, gated, held_at
+
+    folder, overrides = gated(tmp_path, 16)
+    overrides = [o for o in overrides if o not in (TECHNIQUES, GATED_LAYERS)] + [
+        "technique=dataset_examples", "layers=[relu1,relu2]", "technique.dataset_examples.top=3",
+        "technique.dataset_examples.bottom=1", "render.png=false"]
+    run_dir = tmp_path / "run"
+    with held_at(overrides, run_dir, 6) as (proc, _, _):
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    with open_run(run_dir) as r:
+        assert 6 <= r.rows < 16 and r.summaries() == []
+    assert app(overrides, run_dir).returncode == 0
+    reference = tmp_path / "reference"
+    assert app(overrides, reference).returncode == 0
+    assert_same_examples(examples(run_dir), examples(reference))
+    with open_run(run_dir) as r:
+        assert r.rows == 16 and sorted(r.ids()) == sorted(p.name for p in folder.iterdir())
