@@ -162,13 +162,15 @@ Box = Sequence[float]  # [x, y, w, h] in input pixels
 class Draw:
     """What the renderer needs beyond the maps (Technique.draw()): for receptive-field maps, the
     display mode and the scale, the text after each layer's name on its tile, a box per crop on
-    the input tile of that crop's grid, and a box per layer on that layer's tiles."""
+    the input tile of that crop's grid, and a box per layer on that layer's tiles; and whether a
+    run-level summary's per-layer "mean" is a map to draw as png/<technique>.png (erf's is)."""
 
     display: Display = Display.HEATMAP
     scale: Scale = Scale.MAX
     labels: Mapping[str, str] = field(default_factory=dict)  # layer -> e.g. "RF 35"
     crop_boxes: Tuple[Box, ...] = ()  # crop k's box, on the input tile of its grid
     layer_boxes: Mapping[str, Box] = field(default_factory=dict)  # layer -> its box, on its tiles
+    summary_map: bool = True  # False: the summary's "mean" is a table (e.g. class x channel), not drawn
 
     def __post_init__(self):
         object.__setattr__(self, "display", Display(self.display))

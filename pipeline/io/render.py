@@ -229,7 +229,10 @@ def rf_columns(cfg, pad: int = 2) -> int:
 
 def render_summary(out_dir, technique: str, arrays: Dict[Tuple[str, str], np.ndarray], draw: Draw, cfg) -> Optional[object]:
     """png/<technique>.png for a run-level summary: per layer its "mean" map [H, W] (scaled by its
-    maximum) with its "rf_box" [x, y, w, h], labelled with draw.labels and the "sigma" [x, y]."""
+    maximum) with its "rf_box" [x, y, w, h], labelled with draw.labels and the "sigma" [x, y];
+    nothing when draw.summary_map is False."""
+    if not draw.summary_map:
+        return None
     size = cfg.tile
     labels = draw.labels
     tiles = []
