@@ -13,7 +13,7 @@ from pipeline.merge import MergeError, merge
 from pipeline.runner import plan, run
 from pipeline.store import open_run
 from pipeline.techniques import get_technique
-from pipeline.techniques.dataset_examples import parse_channels
+from pipeline.techniques.channels import parse_channels
 from pipeline.techniques.example_stats import HIST_EDGES, histogram, keep, quantiles
 from tests.conftest import tiny_overrides
 from tests.tinymodels import BrightSpot
@@ -186,10 +186,10 @@ def test_ties_are_broken_by_id_and_quantiles_come_from_the_histogram():
 
 def test_channel_choices_are_checked_before_work():
     assert parse_channels("all", 4, "x") == [0, 1, 2, 3] and parse_channels("1-2", 4, "x") == [1, 2]
-    assert parse_channels([3, 1, 1], 4, "x") == [1, 3]
+    assert parse_channels([3, 1, 1], 4, "x") == [1, 3] and parse_channels("0-1,3", 4, "x") == [0, 1, 3]
     for bad in ("2-9", "5-1", "few", [7]):
-        with pytest.raises(ValueError, match="channels"):
-            parse_channels(bad, 4, "layer 'relu2'")
+        with pytest.raises(ValueError, match=r"layer 'relu2' \(4 channels\): channels="):
+            parse_channels(bad, 4, "relu2")
     with pytest.raises(ValueError, match="score="):
         get_technique("dataset_examples")(score="median")
 

@@ -12,30 +12,14 @@ ReLU. The run-level summary averages them per class over the (input, target) pai
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 import torch
 
 from pipeline.contracts import Draw, Family, Kind, Output, Paper
 from pipeline.techniques.base import ACTS, LAYER_GRADS, Technique, register
-from pipeline.techniques.filter_vis import parse_channels as parse_channel_list
-
-
-def parse_channels(spec: Any, count: Optional[int] = None, layer: Optional[str] = None) -> List[int]:
-    """"all", "a-b", "0-3,7", an int or a list of ints -> the channel ids, sorted, each once.
-    With `count` (the layer's channels) an id out of range raises a ValueError naming `layer`;
-    "all" needs `count`."""
-    try:
-        return sorted(set(parse_channel_list(spec, count)))
-    except ValueError as err:
-        if layer is None:
-            raise
-        raise ValueError(f"layer {layer!r} ({count} channels): {err}") from None
-
-
-def is_all(spec: Any) -> bool:
-    return isinstance(spec, str) and spec.strip() == "all"
+from pipeline.techniques.channels import is_all, parse_channels
 
 
 @register("channel_relevance")

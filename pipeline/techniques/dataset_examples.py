@@ -19,6 +19,7 @@ from pipeline.hooks import capture, forward
 from pipeline.rf import GraphError, Support, SupportGraph
 from pipeline.summaries import add
 from pipeline.techniques.base import ACTS, Technique, register
+from pipeline.techniques.channels import parse_channels
 from pipeline.techniques.example_patches import cut_patches
 from pipeline.techniques.example_stats import (HIST_EDGES, QUANTILE_LEVELS, histogram, keep, quantiles,
                                                select)
@@ -26,23 +27,6 @@ from pipeline.techniques.example_stats import (HIST_EDGES, QUANTILE_LEVELS, hist
 log = logging.getLogger("pipeline")
 SCORES = ("max", "mean")
 PATCHES = ("rf", "erf", "full")
-
-
-def parse_channels(spec, channels: int, what: str) -> List[int]:
-    """"all", "a-b" (inclusive) or a list of ints -> sorted channel indices within [0, channels)."""
-    if spec is None or str(spec) == "all":
-        return list(range(channels))
-    if isinstance(spec, str):
-        lo, sep, hi = spec.partition("-")
-        if not sep or not lo.strip().isdigit() or not hi.strip().isdigit() or int(lo) > int(hi):
-            raise ValueError(f"{what}: channels={spec!r}; expected all, a range a-b or a list of channels")
-        picked = list(range(int(lo), int(hi) + 1))
-    else:
-        picked = sorted({int(c) for c in spec})
-    bad = [c for c in picked if not 0 <= c < channels]
-    if bad or not picked:
-        raise ValueError(f"{what}: channels {bad or spec} outside the layer's {channels} channels (0..{channels - 1})")
-    return picked
 
 
 @register("dataset_examples")
@@ -72,7 +56,7 @@ class DatasetExamples(Technique):
 
     @dataclass
     class Options:
-        channels: Any = "all"  # all | a-b | [c, ...]
+        channels: Any = "all"  # all | a-b | 0-3,7 | [c, ...]
         top: int = 16  # inputs kept per channel
         bottom: int = 0  # also the inputs that excite each channel least
         score: str = "max"  # max | mean: of the channel's map over space
@@ -100,7 +84,7 @@ class DatasetExamples(Technique):
         super().check_layers(shapes)
         self.require_image_maps(shapes)
         for layer, shape in shapes.items():
-            self.channels[layer] = parse_channels(self.options.channels, shape[1], f"dataset_examples, layer {layer!r}")
+            self.channels[layer] = parse_channels(self.options.channels, shape[1], layer)
 
     def check_model(self, model, layers) -> None:
         """The theoretical receptive field of each layer (for the patches), from the model."""
@@ -124,7 +108,7 @@ class DatasetExamples(Technique):
         out = {}
         for layer, a in p.activations().items():  # [N, C, h, w]
             if layer not in self.channels:  # standalone use, without check_layers
-                self.channels[layer] = parse_channels(self.options.channels, a.shape[1], f"layer {layer!r}")
+                self.channels[layer] = parse_channels(self.options.channels, a.shape[1], layer)
             a = a[:, self.channels[layer]].float()
             flat = a.flatten(2)  # [N, C, h*w]
             best = flat.argmax(2)  # [N, C]
