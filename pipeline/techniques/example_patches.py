@@ -42,14 +42,18 @@ def erf_square(grad: np.ndarray, centre: Tuple[float, float]) -> Tuple[int, int,
 
 def place(image: np.ndarray, x0: int, y0: int, side: int, P: int) -> Tuple[np.ndarray, List[int]]:
     """The square [x0, x0 + side) x [y0, y0 + side) of image [S, S, 3] as [3, P, P] uint8 (black
-    outside the image, so the unit stays at the centre) and the clipped box (x, y, w, h)."""
+    outside the image, so the unit stays at the centre) and the clipped box (x, y, w, h). Only the
+    part inside the image is resized (to its share of P), never a side x side canvas."""
     S = image.shape[0]
-    canvas = np.zeros((side, side, 3), np.uint8)
     ya, yb, xa, xb = max(y0, 0), min(y0 + side, S), max(x0, 0), min(x0 + side, S)
-    if yb > ya and xb > xa:
-        canvas[ya - y0: yb - y0, xa - x0: xb - x0] = image[ya:yb, xa:xb]
-    inter = cv2.INTER_AREA if side > P else cv2.INTER_LINEAR
-    patch = cv2.resize(canvas, (P, P), interpolation=inter) if side != P else canvas
+    patch = np.zeros((P, P, 3), np.uint8)
+    scale = P / side
+    top, left = int(round((ya - y0) * scale)), int(round((xa - x0) * scale))
+    h, w = min(P - top, int(round((yb - ya) * scale))), min(P - left, int(round((xb - xa) * scale)))
+    if yb > ya and xb > xa and h > 0 and w > 0:
+        crop = image[ya:yb, xa:xb]
+        inter = cv2.INTER_AREA if crop.shape[0] > h else cv2.INTER_LINEAR
+        patch[top: top + h, left: left + w] = cv2.resize(crop, (w, h), interpolation=inter)
     return np.ascontiguousarray(patch.transpose(2, 0, 1)), [xa, ya, max(xb - xa, 0), max(yb - ya, 0)]
 
 
@@ -106,6 +110,7 @@ def _from_inputs(t, layer, ids, argmax, facts, fetch, todo, box, patches) -> Non
         grads = _erf_grads(t, layer, batch_ids, x, wanted, argmax, channels) if t.options.patch == "erf" else {}
         for row, i in enumerate(batch_ids):
             found.add(i)
+            cut: Dict[Tuple[int, int, int], Tuple[np.ndarray, List[int]]] = {}  # one crop per square of an input
             for c, j in wanted.get(i, []):
                 uy, ux = (int(v) for v in argmax[c, j])
                 S = display.shape[1]
@@ -116,7 +121,9 @@ def _from_inputs(t, layer, ids, argmax, facts, fetch, todo, box, patches) -> Non
                     x0, y0, side = erf_square(grads[c, j], (sq[1] + (sq[2] - 1) / 2, sq[0] + (sq[2] - 1) / 2))
                 else:
                     x0, y0, side = square(field, uy, ux, S)
-                patches[c, j], box[c, j] = place(display[row], x0, y0, side, patches.shape[-1])
+                if (x0, y0, side) not in cut:  # deep layers: many channels, one field covering the input
+                    cut[x0, y0, side] = place(display[row], x0, y0, side, patches.shape[-1])
+                patches[c, j], box[c, j] = cut[x0, y0, side]
     lost = sorted(set(wanted) - found)
     if lost:
         log.warning("dataset_examples: %d kept input(s) of %s could not be decoded again (moved or changed "
