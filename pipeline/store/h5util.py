@@ -20,16 +20,22 @@ def is_str(ds: h5py.Dataset) -> bool:
     return h5py.check_string_dtype(ds.dtype) is not None or ds.dtype.kind in "OS"
 
 
+def _decoded(values) -> np.ndarray:
+    """An array of bytes or str, of any shape, as an object array of str of the same shape."""
+    values = np.asarray(values, dtype=object)
+    return np.array(decode_strings(values.ravel()), dtype=object).reshape(values.shape)
+
+
 def read(ds: h5py.Dataset, start: int = 0, stop=None) -> np.ndarray:
-    """Rows start:stop of a dataset, strings decoded to an object array of str."""
+    """Rows start:stop of a dataset, strings decoded to an object array of str (of the same shape)."""
     if is_str(ds):
-        return np.array(decode_strings(ds[start:stop] if ds.shape else [ds[()]]), dtype=object)
+        return _decoded(ds[start:stop] if ds.shape else [ds[()]])
     return ds[start:stop] if ds.shape else ds[()]
 
 
 def read_all(ds: h5py.Dataset) -> np.ndarray:
-    """A whole (fixed) dataset, strings decoded."""
-    return np.array(decode_strings(ds[()]), dtype=object) if is_str(ds) else ds[()]
+    """A whole (fixed) dataset, strings decoded (an object array of str of the same shape)."""
+    return _decoded(ds[()]) if is_str(ds) else ds[()]
 
 
 def datasets(group: h5py.Group) -> Dict[str, h5py.Dataset]:
