@@ -21,6 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import yaml
 
+from pipeline.io.atlas import ATLAS_DIR
+from pipeline.report_atlas import Atlas, atlas_section, read_atlas, write_atlas_strips
 from pipeline.report_html import Image, Raw, esc, facts, figure, fmt, grid, page, table
 from pipeline.report_sweep import _sweep_overrides, anchors, sweep_table
 from pipeline.store import MAPS, Column, open_run
@@ -130,6 +132,7 @@ class Run:
     stats: List[Stats] = field(default_factory=list)
     run_images: List[Image] = field(default_factory=list)
     technique_images: Dict[str, List[Image]] = field(default_factory=dict)
+    atlas: Optional[Atlas] = None  # summary/dataset_examples and/or summary/channel_relevance
     error: Optional[str] = None
 
     @property
@@ -166,6 +169,7 @@ def read_run(run_dir: Path, name: str, anchor: str) -> Run:
             run.stats = [column_stats(col) for name, col in sorted(f.map_columns().items(),
                                                                     key=lambda kv: natural_key(kv[0]))]
             pngs = f.pngs()
+            run.atlas = read_atlas(f, run_dir)
     except (OSError, KeyError, ValueError, RuntimeError) as err:  # unreadable or half-written
         run.error = f"cannot read {run_dir / MAPS}: {err}"
     if "config" not in run.attrs and (run_dir / ".hydra" / "config.yaml").is_file():
@@ -176,7 +180,8 @@ def read_run(run_dir: Path, name: str, anchor: str) -> Run:
             rel = path.relative_to(run_dir).as_posix()
             run.run_images.append(Image(path, rel, f"{rel} of run {name}"))
     if png.is_dir():
-        for folder in sorted((d for d in png.iterdir() if d.is_dir()), key=lambda d: natural_key(d.name)):
+        for folder in sorted((d for d in png.iterdir() if d.is_dir() and d.name != ATLAS_DIR),
+                             key=lambda d: natural_key(d.name)):  # png/atlas/: in the atlas section
             if pngs is not None:  # in row order, one per drawn row: a PNG deleted since shows as missing
                 run.technique_images[folder.name] = [
                     Image(folder / name, item, f"{folder.name} maps of {item}") for item, name in pngs if name]
@@ -200,7 +205,7 @@ def find_runs(root: Path) -> List[Path]:
 # -- writing the page ---------------------------------------------------------------------------
 def run_section(run: Run, base: Path, max_images: int, level: int = 2) -> str:
     """One run's section: facts, overrides and config, timings, skipped inputs, map statistics,
-    package versions and images."""
+    package versions, images and, when the run has one, its atlas."""
     h = f"h{level}"
     out = [f'<section id="{esc(run.anchor)}">', f"<{h}>Run {esc(run.name)}</{h}>"]
     if run.error:
@@ -211,6 +216,9 @@ def run_section(run: Run, base: Path, max_images: int, level: int = 2) -> str:
                         ("Map statistics", _statistics(run)), ("Package versions", _versions(run)),
                         ("Images", _images(run, base, max_images, level + 2))):
         out += [f"<{hh}>{title}</{hh}>", part]
+    if run.atlas is not None:
+        prefix = "" if run.anchor == "run" else f"{run.anchor}-"
+        out += [f'<{hh} id="{esc(prefix)}atlas-top">Atlas</{hh}>', atlas_section(run.atlas, base, prefix)]
     out.append("</section>")
     return "\n".join(out)
 
@@ -287,12 +295,14 @@ def _images(run: Run, base: Path, max_images: int, level: int) -> str:
         out.append(f"<h{level}>{esc(technique)}{note}</h{level}>")
         out.append(grid(shown, base))
     if not run.run_images and not run.technique_images:
-        out.append('<p class="muted">(no PNGs in this run dir)</p>')
+        atlas = (run.path / "png" / ATLAS_DIR).is_dir()
+        out.append(f'<p class="muted">({"only the atlas PNGs, shown in the Atlas section" if atlas else "no PNGs in this run dir"})</p>')
     return "\n".join(out)
 
 
 def build(root: Path, out: Path, max_images: int = MAX_IMAGES) -> str:
-    """The page's HTML for run or sweep dir `root`, with paths relative to `out`'s dir."""
+    """The page's HTML for run or sweep dir `root`, with paths relative to `out`'s dir; a run with
+    an atlas gets its patch strips written to `<out stem>-atlas/` (write_atlas_strips)."""
     if not root.is_dir():
         raise ReportError(f"{root} is not a directory")
     base = out.parent
@@ -304,7 +314,8 @@ def build(root: Path, out: Path, max_images: int = MAX_IMAGES) -> str:
         if run.error:
             raise ReportError(run.error)
         intro = f'<p class="muted">Run dir <code>{esc(root.resolve())}</code></p>'
-        return page(f"Run report: {root.resolve().name}", intro, run_section(run, base, max_images))
+        extra = write_atlas_strips([run], out)
+        return page(f"Run report: {root.resolve().name}", intro, run_section(run, base, max_images), **extra)
     names = [d.relative_to(root).as_posix() for d in dirs]
     runs = [read_run(d, n, a) for d, n, a in zip(dirs, names, anchors(names))]
     keys, summary = sweep_table(runs)
@@ -317,8 +328,9 @@ def build(root: Path, out: Path, max_images: int = MAX_IMAGES) -> str:
                    if not (p.parent.parent / "maps.h5").is_file() and p.parent.parent != root), key=natural_key)
     if lost:
         intro.append(f'<p class="error">Job dirs without maps.h5 (failed before writing?): {esc(", ".join(lost))}</p>')
+    extra = write_atlas_strips(runs, out)
     body = ["<h2>Runs</h2>", summary] + [run_section(r, base, max_images, level=2) for r in runs]
-    return page(f"Sweep report: {root.resolve().name}", "\n".join(intro), "\n".join(body))
+    return page(f"Sweep report: {root.resolve().name}", "\n".join(intro), "\n".join(body), **extra)
 
 
 def write_report(root: str | Path, out: str | Path | None = None, max_images: int = MAX_IMAGES) -> Path:

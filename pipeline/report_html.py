@@ -52,20 +52,35 @@ details > summary { cursor: pointer; }
 """
 
 SCRIPT = """
-window.addEventListener("load", function () {
-  var images = Array.prototype.slice.call(document.images);
-  var ok = function (img) { return img.complete && img.naturalWidth > 0; };
-  var loaded = images.filter(ok);
-  var missing = images.filter(function (img) { return !ok(img); });
-  var status = document.getElementById("image-status");
-  var text = loaded.length + " of " + images.length + " images loaded";
-  if (missing.length) {
-    text += "; not loaded (moved or deleted?): " +
-      missing.map(function (img) { return img.getAttribute("src"); }).join(", ");
-    status.className = "bad";
+(function () {
+  var lazyMissing = [], shown = null;
+  function show() {
+    var all = Array.prototype.slice.call(document.images);
+    var images = all.filter(function (img) { return img.loading !== "lazy"; });
+    var ok = function (img) { return img.complete && img.naturalWidth > 0; };
+    var loaded = images.filter(ok);
+    var missing = images.filter(function (img) { return !ok(img); })
+      .map(function (img) { return img.getAttribute("src"); }).concat(lazyMissing);
+    var status = document.getElementById("image-status");
+    var text = loaded.length + " of " + images.length + " images loaded";
+    if (all.length > images.length) {
+      text += "; " + (all.length - images.length) + " more load when shown";
+    }
+    if (missing.length) {
+      text += "; not loaded (moved or deleted?): " + missing.join(", ");
+      status.className = "bad";
+    }
+    status.textContent = text;
   }
-  status.textContent = text;
-});
+  document.addEventListener("error", function (event) {  // a lazy image that fails once shown
+    var img = event.target;
+    if (img.tagName === "IMG" && img.loading === "lazy" && lazyMissing.indexOf(img.getAttribute("src")) < 0) {
+      lazyMissing.push(img.getAttribute("src"));
+      if (shown) { show(); }
+    }
+  }, true);
+  window.addEventListener("load", function () { shown = true; show(); });
+})();
 """
 
 
@@ -118,14 +133,15 @@ def facts(pairs: Sequence[Tuple[str, object]]) -> str:
     return '<dl class="facts">' + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in pairs) + "</dl>"
 
 
-def page(title: str, intro: str, body: str) -> str:
+def page(title: str, intro: str, body: str, css: str = "", script: str = "") -> str:
+    """The whole document; `css` and `script` are added to its one style and one script element."""
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{esc(title)}</title>
-<style>{CSS}</style>
+<style>{CSS}{css}</style>
 </head>
 <body>
 <header>
@@ -134,7 +150,7 @@ def page(title: str, intro: str, body: str) -> str:
 <p id="image-status">Checking images (needs JavaScript)&hellip;</p>
 </header>
 {body}
-<script>{SCRIPT}</script>
+<script>{SCRIPT}{script}</script>
 </body>
 </html>
 """
