@@ -44,6 +44,7 @@ class Kind(_Named):
     GALLERY = "gallery"  # synthesized images of a data-free technique, png/<technique>.png
     RF = "rf"  # one map per crop, one grid across layers per crop, as `Draw` says
     DATA = "data"  # stored, not drawn
+    EXAMPLES = "examples"  # a run summary's patches per channel [C, k, 3, P, P]: drawn as png/atlas/<layer>.png
 
 
 class Family(_Named):

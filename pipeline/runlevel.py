@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.data.loader import Loader
-from pipeline.io.render import render_gallery, render_summary
+from pipeline.io.render import draw_summary, render_gallery
 from pipeline.planning import decode_side
 from pipeline.progress import Progress, follow
 from pipeline.rf.table import field_table, table_arrays
@@ -99,5 +99,25 @@ def write_summaries(p, out_dir: Path, summaries: Summaries, maps_file: MapsFile)
     under summary/<technique>/, and drawn."""
     for name, arrays in summaries.write(maps_file, input_fetcher(p)).items():
         technique = p.techniques[name]
-        if p.cfg.render.png and render_summary(out_dir, name, arrays, technique.draw(), p.cfg.render):
-            log.info("wrote %s", out_dir / "png" / f"{name}.png")
+        if not p.cfg.render.png:
+            continue
+        kinds = [d.kind for d in technique.summary_outputs.values()]
+        for path in draw_summary(out_dir, name, arrays, technique.draw(), kinds, p.cfg.render, filter_images(p)):
+            log.info("wrote %s", path)
+
+
+def filter_images(p):
+    """`(layer, channel) -> cached filter_vis image or None` from top_activated's cache (its
+    settings in this run, else its defaults); nothing is computed here."""
+    from pipeline.io.atlas import filter_cache
+    from pipeline.techniques import get_technique
+
+    top = p.techniques.get("top_activated") or get_technique("top_activated")()
+    folders = {}
+
+    def lookup(layer, channel):
+        if layer not in folders:
+            folders[layer] = top.cache_folder(p.model.module, layer, p.cfg.seed)
+        return filter_cache(folders)(layer, channel)
+
+    return lookup

@@ -255,6 +255,19 @@ def render_summary(out_dir, technique: str, arrays: Dict[Tuple[str, str], np.nda
     return path
 
 
+def draw_summary(out_dir, technique: str, arrays: Dict[Tuple[str, str], np.ndarray], draw: Draw,
+                 kinds: Sequence[Kind], cfg, filter_images=None) -> List[Path]:
+    """The PNGs of a run-level summary, by the kinds of its declared outputs: Kind.EXAMPLES as the
+    atlas (pipeline.io.atlas, with cached filter images from `filter_images(layer, channel)`), else
+    the mean-map summary (render_summary). Returns the paths written."""
+    if Kind.EXAMPLES in kinds:
+        from pipeline.io.atlas import render_atlas
+
+        return render_atlas(out_dir, arrays, cfg, filter_images)
+    path = render_summary(out_dir, technique, arrays, draw, cfg)
+    return [path] if path else []
+
+
 def png_name(item_id: str) -> str:
     """The PNG file name of an input, the same in every `png/<technique>/` folder (maps.h5 records
     it per row in the `png` dataset). An id made of ASCII letters, digits and `._-@` only, up to

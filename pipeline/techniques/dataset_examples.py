@@ -43,7 +43,11 @@ class DatasetExamples(Technique):
     summary_outputs = {
         "channels": Output(Kind.DATA, "[C]", "int64"), "top_scores": Output(Kind.DATA, "[C, k]"),
         "top_ids": Output(Kind.DATA, "[C, k]", "object"), "top_argmax": Output(Kind.DATA, "[C, k, 2]", "int64"),
-        "top_box": Output(Kind.DATA, "[C, k, 4]", "int64"), "top_patches": Output(Kind.DATA, "[C, k, 3, P, P]", "uint8"),
+        "top_box": Output(Kind.DATA, "[C, k, 4]", "int64"),
+        "top_patches": Output(Kind.EXAMPLES, "[C, k, 3, P, P]", "uint8", doc="drawn as png/atlas/<layer>.png"),
+        "bottom_scores": Output(Kind.DATA, "[C, b]"), "bottom_ids": Output(Kind.DATA, "[C, b]", "object"),
+        "bottom_argmax": Output(Kind.DATA, "[C, b, 2]", "int64"), "bottom_box": Output(Kind.DATA, "[C, b, 4]", "int64"),
+        "bottom_patches": Output(Kind.EXAMPLES, "[C, b, 3, P, P]", "uint8"),
         "hist": Output(Kind.DATA, "[C, B]", "int64"), "hist_edges": Output(Kind.DATA, "[B1]", "float64"),
         "quantiles": Output(Kind.DATA, "[C, Q]"), "quantile_levels": Output(Kind.DATA, "[Q]", "float64"),
         "count": Output(Kind.DATA, "[]", "int64"), "field": Output(Kind.DATA, "[2, 3]", "float64"),

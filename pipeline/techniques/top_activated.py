@@ -68,7 +68,8 @@ class TopActivated(Technique):
         super().check_layers(shapes)
         self.require_image_maps(shapes)
 
-    def _cache(self, model: torch.nn.Module, layer: str, seed: int) -> Path:
+    def cache_folder(self, model: torch.nn.Module, layer: str, seed: int) -> Path:
+        """The folder of a layer's cached filter images under these settings: `<channel>.png` each."""
         weights = hashlib.sha1()
         for name, tensor in model.state_dict().items():
             weights.update(name.encode())
@@ -76,6 +77,8 @@ class TopActivated(Technique):
         settings = {k: v for k, v in asdict(self.options).items() if k not in ("top", "cache_dir")}
         key = hashlib.sha1(json.dumps([weights.hexdigest(), layer, settings, seed], sort_keys=True).encode()).hexdigest()
         return cache_root(self.options.cache_dir) / key[:20] / layer
+
+    _cache = cache_folder
 
     def _attribute(self, p):
         o = self.options
