@@ -42,6 +42,31 @@ def test_uncommitted_rows_are_dropped_on_reopen(tmp_path):
     f.close()
 
 
+def test_a_chunk_torn_by_a_kill_mid_write_is_computed_again(tmp_path, caplog):
+    """The process killed while HDF5 rewrote the chunk that holds the last committed rows: that
+    chunk no longer decodes. On reopening the rows go back to the chunk's start (with a warning),
+    so the resume computes them again; the rows before it are intact, nothing is counted twice."""
+    path = tmp_path / "maps.h5"
+    f = MapsFile(path, {"k": 1})
+    for start in range(0, 39, 3):  # maps of 16 KiB: 4 rows per chunk, so the last one is partly filled
+        f.append({**columns(start, 3), "erf/x/map": np.full((3, 1, 64, 64), start, np.float32)})
+    chunk = f.f["erf/x/map"].chunks[0]
+    assert chunk == 4 and 39 % chunk
+    torn = (39 - 1) // chunk * chunk  # 36: rows 36..38 share the chunk the next batch was rewriting
+    info = f.f["erf/x/map"].id.get_chunk_info_by_coord((torn, 0, 0, 0))
+    f.close()
+    with open(path, "r+b") as raw:  # what a torn rewrite leaves: garbage in the chunk's bytes
+        raw.seek(info.byte_offset)
+        raw.write(b"\xff" * info.size)
+    f = MapsFile(path, {"k": 1})
+    assert f.rows == torn == 36 and "rows 36..38 were in a damaged chunk" in caplog.text
+    assert sorted(f.done_ids()) == sorted(f"in{i}" for i in range(torn))
+    assert f.f["erf/x/map"][:, 0, 0, 0].tolist() == [float(i // 3 * 3) for i in range(36)]  # intact before it
+    f.append({**columns(36, 3), "erf/x/map": np.full((3, 1, 64, 64), 36, np.float32)})  # the resume writes them
+    assert f.f["score"][:, 0].tolist() == list(range(39)) and f.f["erf/x/map"].shape[0] == 39
+    f.close()
+
+
 def test_other_run_key_refuses_to_resume(tmp_path):
     MapsFile(tmp_path / "maps.h5", {"layers": ["a"]}).close()
     with pytest.raises(ConfigError, match=r'other settings.*layers: \["a"\] -> \["b"\]'):

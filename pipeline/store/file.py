@@ -22,7 +22,7 @@ from pipeline.io.space import DiskFull, is_disk_full, reserve
 from pipeline.store import layout as L
 from pipeline.store.checks import check_resumable, open_error
 from pipeline.store.h5util import (META_BYTES, STR, append_bytes, chunk_shape, data_bytes, datasets,
-                                   decode_strings, is_row_dataset, read_all, write_fixed)
+                                   decode_strings, fixed_strings, is_row_dataset, read_all, write_fixed)
 
 MapKey = Tuple[str, str, str]  # (technique, layer, output)
 DTYPES = ("float32", "float16")
@@ -107,12 +107,37 @@ class MapsFile:
     # -- rows ------------------------------------------------------------------------------------
     def _truncate(self) -> None:
         """Cut every row dataset back to the committed count (drops a half-written batch; a file
-        whose counters exceed its datasets never gets here: check_resumable refuses it)."""
+        whose counters exceed its datasets never gets here: check_resumable refuses it). A run
+        killed while HDF5 rewrote the chunk holding the last committed rows can leave that chunk
+        unreadable: the counts then go back to the chunk's start, and the resume computes those
+        rows again (none lost, none twice)."""
+        self.rows, self.skipped_rows = self._readable(self.rows, False), self._readable(self.skipped_rows, True)
         for ds in (d for d in datasets(self.f).values() if is_row_dataset(d)):
             limit = self.skipped_rows if ds.name.startswith(f"/{L.SKIPPED}/") else self.rows
             if ds.shape[0] != limit:
                 ds.resize(limit, axis=0)
         self.f.flush()
+
+    def _readable(self, committed: int, skipped: bool) -> int:
+        """The committed count, cut back to the start of any row dataset's last, partly filled
+        chunk that cannot be read (torn by a kill mid-write); the attribute is rewritten then."""
+        good = committed
+        for ds in (d for d in datasets(self.f).values() if is_row_dataset(d)):
+            if ds.name.startswith(f"/{L.SKIPPED}/") != skipped or not ds.chunks or committed == 0:
+                continue
+            start = (committed - 1) // ds.chunks[0] * ds.chunks[0]
+            try:
+                ds[start:committed]
+            except OSError:
+                good = min(good, start)
+        if good < committed:
+            import logging
+
+            logging.getLogger("pipeline").warning(
+                "%s: the last run was killed while writing; %s %d..%d were in a damaged chunk and are "
+                "computed again", self.path, "skipped records" if skipped else "rows", good, committed - 1)
+            self.f.attrs[L.SKIPPED_ROWS if skipped else L.ROWS] = good
+        return good
 
     def done_ids(self) -> Set[str]:
         """Ids already in the file, as rows or as skipped records."""
@@ -162,14 +187,16 @@ class MapsFile:
         return start
 
     def _append(self, name: str, data: np.ndarray, start: int) -> None:
+        if data.dtype.kind in "OUS" and not (name in self.f and self.f[name].dtype == STR):
+            # fixed-length bytes (a run made before them keeps its variable-length strings)
+            data = fixed_strings(data, L.string_width(name), name, cut=name == L.skipped_name("reason"))
         if name not in self.f:
             if start:
                 raise RuntimeError(f"dataset {name} appears after {start} rows were written")
-            dtype = STR if data.dtype.kind in "OUS" else data.dtype
-            opts = {} if dtype is STR else {"compression": "lzf", "shuffle": True}
+            opts = {"compression": "lzf"} if data.dtype.kind == "S" else {"compression": "lzf", "shuffle": True}
             self.f.create_dataset(
-                name, shape=(0,) + data.shape[1:], maxshape=(None,) + data.shape[1:], dtype=dtype,
-                chunks=chunk_shape(data.shape[1:], 8 if dtype is STR else data.dtype.itemsize), **opts,
+                name, shape=(0,) + data.shape[1:], maxshape=(None,) + data.shape[1:], dtype=data.dtype,
+                chunks=chunk_shape(data.shape[1:], data.dtype.itemsize), **opts,
             )
         ds = self.f[name]
         if ds.shape[1:] != data.shape[1:]:
@@ -206,7 +233,7 @@ class MapsFile:
         if L.CLASSES not in self.f:
             data = np.array(names, dtype=object)
             self.reserve(META_BYTES + 2 * data_bytes(data))
-            self.f.create_dataset(L.CLASSES, data=data, dtype=STR)
+            write_fixed(self.f, L.CLASSES, data)
 
     def has_group(self, group: str) -> bool:
         return group in self.f

@@ -38,6 +38,21 @@ def read_all(ds: h5py.Dataset) -> np.ndarray:
     return _decoded(ds[()]) if is_str(ds) else ds[()]
 
 
+def fixed_strings(values, width=None, name: str = "", cut: bool = False) -> np.ndarray:
+    """Strings as a fixed-length bytes array (UTF-8) of `width` bytes (default: the longest, at
+    least 1). A longer string is cut when `cut` (at a character boundary, marked "..."), else
+    raises ValueError naming the dataset."""
+    encoded = [str(v).encode() for v in np.asarray(values, dtype=object).ravel()]
+    if width is None:
+        width = max([len(e) for e in encoded] + [1])
+    for i, e in enumerate(encoded):
+        if len(e) > width:
+            if not cut:
+                raise ValueError(f"{name}: a string of {len(e)} bytes does not fit its {width}-byte dataset: {e[:80]!r}...")
+            encoded[i] = e[: width - 3].decode(errors="ignore").encode() + b"..."
+    return np.array(encoded, dtype=f"S{width}").reshape(np.shape(values))
+
+
 def datasets(group: h5py.Group) -> Dict[str, h5py.Dataset]:
     """Every dataset below `group`, by its path relative to it."""
     found: Dict[str, h5py.Dataset] = {}
@@ -65,13 +80,17 @@ def append_bytes(columns: Dict[str, np.ndarray]) -> int:
     """An upper bound on the bytes one appended batch may add to the file: twice the raw data (lzf
     can grow incompressible data a little), one chunk per dataset (HDF5 rewrites a partly filled
     chunk elsewhere) and room for metadata."""
-    return META_BYTES + sum(2 * data_bytes(data) + CHUNK_BYTES for data in columns.values())
+    from pipeline.store.layout import string_width
+
+    return META_BYTES + sum(2 * (len(data) * string_width(name) if np.asarray(data).dtype.kind in "OUS"
+                                 else data_bytes(data)) + CHUNK_BYTES for name, data in columns.items())
 
 
 def write_fixed(group: h5py.Group, name: str, data: np.ndarray) -> None:
     """A dataset that does not grow with rows: strings as variable-length text, large arrays lzf."""
     data = np.asarray(data)
-    if data.dtype.kind in "OUS":
-        group.create_dataset(name, data=data.astype(object), dtype=STR)
+    if data.dtype.kind in "OUS":  # fixed-length bytes: nothing in HDF5's global heap
+        strings = fixed_strings(data)
+        group.create_dataset(name, data=strings, compression="lzf" if strings.nbytes > 1024 else None)
     else:
         group.create_dataset(name, data=data, compression="lzf" if data.size > 1024 else None)

@@ -37,6 +37,17 @@ SUMMARY_ROWS = "rows"  # on summary/<technique>: the committed rows its statisti
 STORE_ATTRS = {RUN_KEY, ROWS, SKIPPED_ROWS, ATTEMPTS, CONFIG, SHARD, MERGED_FROM}  # the rest is provenance
 
 
+# Row strings are fixed-length bytes (UTF-8), stored in the datasets' own compressed chunks: never in
+# HDF5's global heap, which a process killed mid-write can leave damaged for rows already committed.
+STRING_WIDTH = 4096  # ids and source paths (PATH_MAX)
+STRING_WIDTHS = {"png": 256, f"{SKIPPED}/reason": 1024}  # a longer skip reason is cut (it is a message)
+
+
+def string_width(name: str) -> int:
+    """The byte width of the fixed-length string row dataset `name`."""
+    return STRING_WIDTHS.get(name, STRING_WIDTH)
+
+
 def map_name(technique: str, layer: str, output: str) -> str:
     return f"{technique}/{layer}/{output}"
 
