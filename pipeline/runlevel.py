@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -58,19 +58,29 @@ def _generate(p, name: str, technique, maps_file: MapsFile, out_dir: Path, bar: 
     return line
 
 
+class Fetched(NamedTuple):
+    """A batch of inputs decoded again by id (for Technique.complete)."""
+
+    ids: List[str]
+    frames: List[int]  # frame index of each (-1 for images)
+    display: np.ndarray  # [n, S, S, 3] uint8, as the model saw them
+    x: torch.Tensor  # [n, 3, S, S] model input, on the run's device
+
+
 def input_fetcher(p) -> Callable:
-    """fetch(ids) -> batches of (ids, display [n, S, S, 3] uint8, x [n, 3, S, S] on the device):
+    """fetch(ids) -> batches (Fetched: ids, frames, display [n, S, S, 3] uint8, x [n, 3, S, S] on the device):
     this run's inputs decoded again by id, as the model saw them (for Technique.complete)."""
     by_id = {item.id: item for item in p.source.items}
     cfg = p.cfg
 
-    def fetch(ids: Sequence[str]) -> Iterator[Tuple[List[str], np.ndarray, torch.Tensor]]:
+    def fetch(ids: Sequence[str]) -> Iterator[Fetched]:
         items = [by_id[i] for i in dict.fromkeys(ids) if i in by_id]
         with Loader(p.source, items, cfg.data.crop, p.model.preprocess, cfg.batch_size, cfg.num_workers,
                     decode_side(p)) as loader:
             for batch in loader:
                 if batch.items:
-                    yield [it.id for it in batch.items], batch.display, batch.x.to(p.device)
+                    yield Fetched([it.id for it in batch.items], [it.frame for it in batch.items], batch.display,
+                                  batch.x.to(p.device))
 
     return fetch
 

@@ -335,7 +335,7 @@ class Technique:
     def complete(self, final, facts, fetch, earlier=()) -> Dict[Tuple[str, str], np.ndarray]:
         """Summary arrays cut from inputs at the end (`completed_outputs`, e.g. dataset examples'
         patches): from `earlier` summaries (a merge's shards) where they hold them, else from the
-        inputs `fetch(ids)` decodes again (batches of (ids, display [n, S, S, 3], x [n, 3, S, S]));
+        inputs `fetch(ids)` decodes again (batches of (ids, frames, display [n, S, S, 3], x [n, 3, S, S]));
         `fetch` is None in a merge. Default: none."""
         return {}
 

@@ -44,6 +44,8 @@ class DatasetExamples(Technique):
         "channels": Output(Kind.DATA, "[C]", "int64"), "top_scores": Output(Kind.DATA, "[C, k]"),
         "top_ids": Output(Kind.DATA, "[C, k]", "object"), "top_argmax": Output(Kind.DATA, "[C, k, 2]", "int64"),
         "top_box": Output(Kind.DATA, "[C, k, 4]", "int64"),
+        "top_frames": Output(Kind.DATA, "[C, k]", "int64", doc="frame index of each (-1 for images)"),
+        "bottom_frames": Output(Kind.DATA, "[C, b]", "int64"),
         "top_patches": Output(Kind.EXAMPLES, "[C, k, 3, P, P]", "uint8", doc="drawn as png/atlas/<layer>.png"),
         "bottom_scores": Output(Kind.DATA, "[C, b]"), "bottom_ids": Output(Kind.DATA, "[C, b]", "object"),
         "bottom_argmax": Output(Kind.DATA, "[C, b, 2]", "int64"), "bottom_box": Output(Kind.DATA, "[C, b, 4]", "int64"),
@@ -52,7 +54,8 @@ class DatasetExamples(Technique):
         "quantiles": Output(Kind.DATA, "[C, Q]"), "quantile_levels": Output(Kind.DATA, "[Q]", "float64"),
         "count": Output(Kind.DATA, "[]", "int64"), "field": Output(Kind.DATA, "[2, 3]", "float64"),
     }
-    completed_outputs = frozenset({"top_box", "top_patches", "bottom_box", "bottom_patches"})
+    completed_outputs = frozenset({"top_box", "top_patches", "top_frames", "bottom_box", "bottom_patches",
+                                   "bottom_frames"})
     needs = frozenset({ACTS})
     has_summary = True
     video = False
@@ -164,7 +167,8 @@ class DatasetExamples(Technique):
     def complete(self, final, facts, fetch, earlier=()):
         """Each kept example's patch box [C, k, 4] and patch [C, k, 3, P, P]: taken from `earlier`
         summaries (a merge's shards) where they hold that example, else cut from the inputs that
-        `fetch(ids)` re-decodes (batches of (ids, display [n, S, S, 3] uint8, x [n, 3, S, S]))."""
+        `fetch(ids)` re-decodes (batches of (ids, frames, display [n, S, S, 3] uint8, x [n, 3, S, S]));
+        with each example's frame index [C, k] (-1 for images)."""
         return cut_patches(self, final, facts, fetch, earlier)
 
     def unit_grads(self, x: torch.Tensor, layer: str, units: Sequence[Tuple[int, int, int, int]]) -> np.ndarray:

@@ -58,36 +58,38 @@ def place(image: np.ndarray, x0: int, y0: int, side: int, P: int) -> Tuple[np.nd
 
 
 def cut_patches(t, final, facts, fetch, earlier=()) -> Dict[Tuple[str, str], np.ndarray]:
-    """`<side>_box` [C, k, 4] and `<side>_patches` [C, k, 3, P, P] for each layer and side of a
-    finalized dataset_examples summary (see DatasetExamples.complete)."""
+    """`<side>_box` [C, k, 4], `<side>_patches` [C, k, 3, P, P] and `<side>_frames` [C, k] (-1 for
+    images) for each layer and side of a finalized dataset_examples summary (see DatasetExamples.complete)."""
     P, out = t.options.patch_size, {}
     for layer, side in sorted({(layer, o[: -len("_ids")]) for layer, o in final if o.endswith("_ids")}):
         ids, argmax = final[layer, f"{side}_ids"], final[layer, f"{side}_argmax"]
         box = np.zeros(ids.shape + (4,), np.int64)
         patches = np.zeros(ids.shape + (3, P, P), np.uint8)
-        todo = _from_earlier(layer, side, ids, facts, earlier, box, patches)
+        frames = np.full(ids.shape, -1, np.int64)
+        todo = _from_earlier(layer, side, ids, facts, earlier, box, patches, frames)
         if todo:
             if fetch is None:
                 missing = sorted({ids[c, j] for c, j in todo})
                 raise ValueError(f"dataset_examples: {len(missing)} kept example(s) of {layer} have no patch in any "
                                  f"shard's summary (e.g. {missing[0]}): resume the shard holding them so its run "
                                  "finishes its summary, then merge again")
-            _from_inputs(t, layer, ids, argmax, facts, fetch, todo, box, patches)
+            _from_inputs(t, layer, ids, argmax, facts, fetch, todo, box, patches, frames)
         out[layer, f"{side}_box"], out[layer, f"{side}_patches"] = box, patches
+        out[layer, f"{side}_frames"] = frames
     return out
 
 
-def _from_earlier(layer, side, ids, facts, earlier, box, patches) -> List[Tuple[int, int]]:
+def _from_earlier(layer, side, ids, facts, earlier, box, patches, frames) -> List[Tuple[int, int]]:
     """Fill what earlier summaries (a merge's shards) hold; returns the (channel row, slot) left."""
     known = {}
     for summary in earlier:
         e_ids, e_patches = summary.get((layer, f"{side}_ids")), summary.get((layer, f"{side}_patches"))
         if e_ids is None or e_patches is None:
             continue
-        e_box = summary[layer, f"{side}_box"]
+        e_box, e_frames = summary[layer, f"{side}_box"], summary.get((layer, f"{side}_frames"))
         for c in range(e_ids.shape[0]):
             for j, i in enumerate(e_ids[c]):
-                known[c, str(i)] = (e_box[c, j], e_patches[c, j])
+                known[c, str(i)] = (e_box[c, j], e_patches[c, j], -1 if e_frames is None else e_frames[c, j])
     todo = []
     for c in range(ids.shape[0]):
         for j, i in enumerate(ids[c]):
@@ -95,21 +97,23 @@ def _from_earlier(layer, side, ids, facts, earlier, box, patches) -> List[Tuple[
             if hit is None:
                 todo.append((c, j))
             else:
-                box[c, j], patches[c, j] = hit
+                box[c, j], patches[c, j], frames[c, j] = hit
     return todo
 
 
-def _from_inputs(t, layer, ids, argmax, facts, fetch, todo, box, patches) -> None:
+def _from_inputs(t, layer, ids, argmax, facts, fetch, todo, box, patches, frames) -> None:
     """Cut the patches of `todo` entries from the inputs `fetch` re-decodes, a batch at a time."""
     field, channels = facts[layer, "field"], facts[layer, "channels"]
     wanted: Dict[str, List[Tuple[int, int]]] = {}
     for c, j in todo:
         wanted.setdefault(str(ids[c, j]), []).append((c, j))
     found = set()
-    for batch_ids, display, x in fetch(list(wanted)):
+    for batch_ids, batch_frames, display, x in fetch(list(wanted)):
         grads = _erf_grads(t, layer, batch_ids, x, wanted, argmax, channels) if t.options.patch == "erf" else {}
         for row, i in enumerate(batch_ids):
             found.add(i)
+            for c, j in wanted.get(i, []):
+                frames[c, j] = batch_frames[row]
             cut: Dict[Tuple[int, int, int], Tuple[np.ndarray, List[int]]] = {}  # one crop per square of an input
             for c, j in wanted.get(i, []):
                 uy, ux = (int(v) for v in argmax[c, j])
