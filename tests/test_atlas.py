@@ -18,7 +18,7 @@ from pipeline.io.render import write_png
 from pipeline.report_atlas import MARKER
 from pipeline.store import open_run
 from tests.atlas_data import examples_summary, relevance_summary, write_run
-from tests.test_report import CHROMIUM, Browser, Parsed, needs_chromium
+from tests.test_report import Browser, Parsed, browser_session, needs_chromium
 
 CFG = SimpleNamespace(tile=160)  # render.tile: atlas tiles are capped at ATLAS_TILE (128)
 PAD = 2
@@ -234,16 +234,7 @@ def test_the_report_of_a_large_layer_stays_small(tmp_path):
 # -- in headless Chromium ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    if CHROMIUM is None:
-        pytest.skip("no chromium binary")
-    b = None
-    try:
-        b = Browser(CHROMIUM, tmp_path_factory.mktemp("chromium-profile"))
-        b.send("Network.enable")  # requests are events: what a page fetches, and when
-        yield b
-    finally:
-        if b is not None:
-            b.close()
+    yield from browser_session(tmp_path_factory, network=True)  # requests are events: what a page fetches, and when
 
 
 def wait_for(browser: Browser, expression: str, seconds: float = 30.0):

@@ -340,17 +340,25 @@ class Browser:
             self.proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
+def browser_session(tmp_path_factory, network: bool = False):
+    """A headless Chromium for a module's tests (skipped where there is none); `network`: its
+    requests are recorded as events."""
     if CHROMIUM is None:
         pytest.skip("no chromium binary")
     b = None
     try:
         b = Browser(CHROMIUM, tmp_path_factory.mktemp("chromium-profile"))
+        if network:
+            b.send("Network.enable")
         yield b
     finally:
         if b is not None:
             b.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    yield from browser_session(tmp_path_factory)
 
 
 @needs_chromium

@@ -16,10 +16,11 @@ import torch
 
 from pipeline.contracts import Family, Kind, Output, Paper
 from pipeline.hooks import capture, forward
-from pipeline.rf import GraphError, Support, SupportGraph
+from pipeline.rf import GraphError
 from pipeline.summaries import add
 from pipeline.techniques.base import ACTS, Technique, register
 from pipeline.techniques.channels import parse_channels
+from pipeline.techniques.fields import TracesFields
 from pipeline.techniques.example_patches import cut_patches
 from pipeline.techniques.example_stats import (HIST_EDGES, QUANTILE_LEVELS, histogram, keep, quantiles,
                                                select)
@@ -30,7 +31,7 @@ PATCHES = ("rf", "erf", "full")
 
 
 @register("dataset_examples")
-class DatasetExamples(Technique):
+class DatasetExamples(TracesFields, Technique):
     """Per input and layer: `score` [N, C] (each chosen channel's spatial max or mean) and `argmax`
     [N, C, 2] ((y, x) of its largest unit). Run summary per layer: the `top` inputs per channel by
     score (ties by id) with their argmax, patch box and patch [C, k, 3, P, P] uint8; the `bottom`
@@ -82,10 +83,6 @@ class DatasetExamples(Technique):
         super().__init__(**options)
         self.channels: Dict[str, List[int]] = {}
         self.fields: Dict[str, np.ndarray] = {}  # layer -> [2, 3] (y, x) x (start, jump, size); -1: untraced
-        self._loaded = None
-
-    def setup(self, model) -> None:
-        self._loaded = model
 
     def check_layers(self, shapes):
         super().check_layers(shapes)
@@ -96,19 +93,14 @@ class DatasetExamples(Technique):
     def check_model(self, model, layers) -> None:
         """The theoretical receptive field of each layer (for the patches), from the model."""
         self._model = model
-        device = next(model.parameters()).device
-        loaded = self._loaded if self._loaded is not None and self._loaded.module is model else None
         self.fields = {layer: np.full((2, 3), -1.0) for layer in layers}
         try:
-            graph = loaded.support_graph() if loaded else SupportGraph(model, torch.zeros(1, 3, 224, 224, device=device))
-            with torch.no_grad():
-                values = graph.propagate(torch.zeros((1, 1) + graph.input_shape[1:], device=device), layers)
+            supports, _ = self.layer_supports(model, layers)
         except GraphError as err:
             log.warning("dataset_examples: no receptive fields, patches are whole inputs (%s)", err)
             return
-        for layer, s in values.items():
-            if isinstance(s, Support):
-                self.fields[layer] = np.array([[f.start, f.jump, f.size] for f in s.fields[-2:]], dtype=np.float64)
+        for layer, s in supports.items():
+            self.fields[layer] = np.array([[f.start, f.jump, f.size] for f in s.fields[-2:]], dtype=np.float64)
 
     # -- per batch ---------------------------------------------------------------------------------
     def _attribute(self, p):

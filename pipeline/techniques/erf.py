@@ -11,15 +11,16 @@ import torch
 
 from pipeline.contracts import Draw, Family, Kind, Output, Paper, Scale
 from pipeline.hooks import capture, forward
-from pipeline.rf import GraphError, Support, SupportGraph
+from pipeline.rf import GraphError, Support
 from pipeline.techniques.base import Technique, register
+from pipeline.techniques.fields import TracesFields
 from pipeline.techniques.rf_forward import DISPLAY, field_label
 
 log = logging.getLogger("pipeline")
 
 
 @register("erf")
-class EffectiveReceptiveField(Technique):
+class EffectiveReceptiveField(TracesFields, Technique):
     """Per chosen layer map [N, 1, H, W]: |d u / d x| summed over colour channels, u the unit at
     `unit` = [x, y] of the layer's map (default: its centre), summed over channels (or one `channel`).
     One forward pass (stopped after the deepest layer) and one backward per layer for the whole batch.
@@ -54,12 +55,8 @@ class EffectiveReceptiveField(Technique):
 
     def __init__(self, **options):
         super().__init__(**options)
-        self._loaded = None
         self.units: Dict[str, Tuple[int, int]] = {}
         self.supports: Dict[str, Support] = {}
-
-    def setup(self, model) -> None:
-        self._loaded = model
 
     def check_layers(self, shapes):
         super().check_layers(shapes)
@@ -78,17 +75,11 @@ class EffectiveReceptiveField(Technique):
         return x, y
 
     def check_model(self, model, layers) -> None:
-        device = next(model.parameters()).device
-        loaded = self._loaded if self._loaded is not None and self._loaded.module is model else None
-        example = loaded.example(device) if loaded else torch.zeros(1, 3, 224, 224, device=device)
         try:
-            graph = loaded.support_graph() if loaded else SupportGraph(model, example)
-            with torch.no_grad():
-                values = graph.propagate(torch.zeros((1, 1) + graph.input_shape[1:], device=device), layers)
-            self.supports = {k: v for k, v in values.items() if isinstance(v, Support)}
+            self.supports, example = self.layer_supports(model, layers)
+            self.input_hw = tuple(example.shape[-2:])  # for the receptive-field box, clipped to the input
         except GraphError as err:
             log.warning("erf: no theoretical receptive field to draw (%s)", err)
-        self.input_hw = tuple(example.shape[-2:])  # for the receptive-field box, clipped to the input
 
     def _attribute(self, p):
         x = p.x.detach().requires_grad_(True)
