@@ -7,7 +7,8 @@ arrays with `finalize(stats)`; values that come from the model rather than from 
 theoretical box) are its `facts()`. Statistics are a flat {name: array} dict ("<layer>/sum").
 
 The building blocks below cover the usual statistics: sums and counts (`add`), a running top-k
-by score keeping ids (`top_k`), and histograms over fixed bins (`add` of counts).
+by score keeping ids, per row of a [C, R] array (`keep`, `select`) or for one row (`top_k`,
+`merge_top_k`), and histograms over fixed bins (`add` of counts).
 `Summaries` drives them for a run: it resumes the statistics from the file, updates them with
 every committed batch and writes summary/<technique> at the end; `stats_of_run` is what a merge
 combines.
@@ -31,23 +32,46 @@ def add(a: Stats, b: Stats) -> Stats:
     return {k: np.asarray(a[k]) + np.asarray(b[k]) for k in a}
 
 
+def keep(scores: np.ndarray, ids: np.ndarray, k: int, largest: bool = True,
+         extra: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
+    """Per row c of scores [C, R] (ids [C, R], extra arrays [C, R, ...]): the k largest (or smallest)
+    entries, ordered by score then id, so the result does not depend on the order rows came in.
+    Returns {"score": [C, k'], "id": [C, k'], **extra: [C, k', ...]}, k' = min(k, R)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    ids = np.asarray(ids, dtype=object)
+    _, rank = np.unique(ids.astype(str).ravel(), return_inverse=True)
+    rank = rank.reshape(ids.shape)
+    key = np.where(np.isnan(scores), -np.inf if largest else np.inf, scores)
+    order = np.lexsort((rank, -key if largest else key), axis=-1)[:, :k]  # [C, k']
+    out = {"score": np.take_along_axis(scores, order, 1), "id": np.take_along_axis(ids, order, 1)}
+    for name, values in (extra or {}).items():
+        index = order.reshape(order.shape + (1,) * (values.ndim - 2))
+        out[name] = np.take_along_axis(np.asarray(values), index, 1)
+    return out
+
+
+def select(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray], prefix: str, k: int, largest: bool = True
+           ) -> Dict[str, np.ndarray]:
+    """Two running top-k statistics (`<prefix>score`, `<prefix>id`, other `<prefix>*` rows) as one."""
+    names = [n[len(prefix):] for n in a if n.startswith(prefix) and n[len(prefix):] not in ("score", "id")]
+    both = {name: np.concatenate([a[prefix + name], b[prefix + name]], 1) for name in ["score", "id", *names]}
+    return keep(both["score"], both["id"], k, largest, {name: both[name] for name in names})
+
+
 def top_k(scores: np.ndarray, ids: Sequence[str], k: int, extra: Optional[Dict[str, np.ndarray]] = None
           ) -> Tuple[np.ndarray, np.ndarray, Dict[str, np.ndarray]]:
-    """The k highest `scores` [n] with their `ids` and rows of `extra` arrays [n, ...], ties broken
-    by id (so the result does not depend on the order rows arrive in): (scores [<=k], ids [<=k], extra)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    ids = np.asarray(list(ids), dtype=object)
-    order = sorted(range(len(scores)), key=lambda i: (-scores[i], str(ids[i])))[:k]
-    return scores[order], ids[order], {name: np.asarray(v)[order] for name, v in (extra or {}).items()}
+    """`keep` for one row: the k highest `scores` [n] with their `ids` and rows of `extra` arrays
+    [n, ...], ties broken by id: (scores [<=k], ids [<=k], extra)."""
+    kept = keep(np.asarray(scores, dtype=np.float64)[None], np.asarray(list(ids), dtype=object)[None], k,
+                extra={name: np.asarray(v)[None] for name, v in (extra or {}).items()})
+    return kept.pop("score")[0], kept.pop("id")[0], {name: v[0] for name, v in kept.items()}
 
 
 def merge_top_k(a: Stats, b: Stats, k: int, prefix: str) -> Stats:
     """Two running top-k statistics `<prefix>score`, `<prefix>id` (and other `<prefix>*` rows) as one."""
-    names = [n for n in a if n.startswith(prefix) and n not in (prefix + "score", prefix + "id")]
-    scores, ids, extra = top_k(np.concatenate([a[prefix + "score"], b[prefix + "score"]]),
-                               list(a[prefix + "id"]) + list(b[prefix + "id"]), k,
-                               {n: np.concatenate([a[n], b[n]]) for n in names})
-    return {prefix + "score": scores, prefix + "id": ids, **extra}
+    out = select({n: v[None] for n, v in a.items() if n.startswith(prefix)},
+                 {n: v[None] for n, v in b.items() if n.startswith(prefix)}, prefix, k)
+    return {prefix + name: v[0] for name, v in out.items()}
 
 
 def combine_all(technique, parts: Iterable[Optional[Stats]]) -> Optional[Stats]:

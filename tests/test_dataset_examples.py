@@ -14,7 +14,8 @@ from pipeline.runner import plan, run
 from pipeline.store import open_run
 from pipeline.techniques import get_technique
 from pipeline.techniques.channels import parse_channels
-from pipeline.techniques.example_stats import HIST_EDGES, histogram, keep, quantiles
+from pipeline.summaries import keep
+from pipeline.techniques.example_stats import HIST_EDGES, histogram, quantiles
 from tests.conftest import tiny_overrides
 from tests.tinymodels import BrightSpot
 

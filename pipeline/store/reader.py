@@ -279,11 +279,6 @@ class RunReader:
         group = self._file.get(L.summary_group(technique))
         return {n: Column(ds, None) for n, ds in datasets(group).items()} if isinstance(group, h5py.Group) else {}
 
-    def summary_names(self) -> List[str]:
-        """Every dataset path below summary/ (also of techniques a merge would not know)."""
-        group = self._file.get(L.SUMMARY)
-        return [f"{L.SUMMARY}/{n}" for n in datasets(group)] if isinstance(group, h5py.Group) else []
-
     def _group(self, name: str) -> Dict[str, np.ndarray]:
         group = self._file.get(name)
         if not isinstance(group, h5py.Group):

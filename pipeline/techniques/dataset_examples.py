@@ -17,13 +17,12 @@ import torch
 from pipeline.contracts import Family, Kind, Output, Paper
 from pipeline.hooks import capture, forward
 from pipeline.rf import GraphError
-from pipeline.summaries import add
+from pipeline.summaries import add, keep, select
 from pipeline.techniques.base import ACTS, Technique, register
 from pipeline.techniques.channels import parse_channels
 from pipeline.techniques.fields import TracesFields
 from pipeline.techniques.example_patches import cut_patches
-from pipeline.techniques.example_stats import (HIST_EDGES, QUANTILE_LEVELS, histogram, keep, quantiles,
-                                               select)
+from pipeline.techniques.example_stats import HIST_EDGES, QUANTILE_LEVELS, histogram, quantiles
 
 log = logging.getLogger("pipeline")
 SCORES = ("max", "mean")

@@ -1,43 +1,16 @@
-"""The combinable statistics of dataset_examples: a running top-k (or bottom-k) per channel with
-ties broken by id, and histograms over fixed edges (so shards' counts add) with quantiles read
-from them. Not a technique: helpers of pipeline/techniques/dataset_examples.py."""
+"""The combinable statistics of dataset_examples: the running top-k per channel is
+pipeline.summaries.keep / select; here, histograms over fixed edges (so shards' counts add) with
+quantiles read from them. Not a technique: helpers of pipeline/techniques/dataset_examples.py."""
 from __future__ import annotations
 
-from typing import Dict, Optional
-
 import numpy as np
+
 
 # Symmetric log-spaced edges: 0, then 4 bins per decade from 1e-3 to 1e4 on each side; scores beyond
 # +-1e4 count in the outermost bins. Fixed, so histograms of any shards combine by adding counts.
 _MAGNITUDES = 10.0 ** np.linspace(-3, 4, 29)
 HIST_EDGES = np.concatenate([-_MAGNITUDES[::-1], [0.0], _MAGNITUDES])  # [59]: 58 bins
 QUANTILE_LEVELS = np.array([0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99])
-
-
-def keep(scores: np.ndarray, ids: np.ndarray, k: int, largest: bool = True,
-         extra: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
-    """Per row c of scores [C, R] (ids [C, R], extra arrays [C, R, ...]): the k largest (or smallest)
-    entries, ordered by score then id, so the result does not depend on the order rows came in.
-    Returns {"score": [C, k'], "id": [C, k'], **extra: [C, k', ...]}, k' = min(k, R)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    ids = np.asarray(ids, dtype=object)
-    _, rank = np.unique(ids.astype(str).ravel(), return_inverse=True)
-    rank = rank.reshape(ids.shape)
-    key = np.where(np.isnan(scores), -np.inf if largest else np.inf, scores)
-    order = np.lexsort((rank, -key if largest else key), axis=-1)[:, :k]  # [C, k']
-    out = {"score": np.take_along_axis(scores, order, 1), "id": np.take_along_axis(ids, order, 1)}
-    for name, values in (extra or {}).items():
-        index = order.reshape(order.shape + (1,) * (values.ndim - 2))
-        out[name] = np.take_along_axis(np.asarray(values), index, 1)
-    return out
-
-
-def select(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray], prefix: str, k: int, largest: bool = True
-           ) -> Dict[str, np.ndarray]:
-    """Two running top-k statistics (`<prefix>score`, `<prefix>id`, other `<prefix>*` rows) as one."""
-    names = [n[len(prefix):] for n in a if n.startswith(prefix) and n[len(prefix):] not in ("score", "id")]
-    both = {name: np.concatenate([a[prefix + name], b[prefix + name]], 1) for name in ["score", "id", *names]}
-    return keep(both["score"], both["id"], k, largest, {name: both[name] for name in names})
 
 
 def histogram(scores: np.ndarray) -> np.ndarray:
