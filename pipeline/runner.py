@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pipeline.config import ConfigError, validate
 from pipeline.contracts import Kind
 from pipeline.data import build_source, resolve_shard
-from pipeline.data.loader import Loader
+from pipeline.data.loader import Loader, SpareDecoders
 from pipeline.errors import RunError
 from pipeline.evaluation import SanityCheck, deletion_insertion, heatmaps
 from pipeline.interrupts import first_line, interruption, sigterm_as_interrupt
@@ -73,9 +73,11 @@ class Summary:
         return "; ".join(parts) + f" -> {self.out_dir}"
 
 
-def plan(cfg) -> Plan:
+def plan(cfg, spares: Optional[SpareDecoders] = None) -> Plan:
     """Validate the config, build model, techniques and source; raises ConfigError on any problem.
-    `data.shard=auto` is resolved here (a Slurm job array's task, else all)."""
+    `data.shard=auto` is resolved here (a Slurm job array's task, else all). With `spares`, the
+    decoder processes of a run with inputs to decode are started once config and source are
+    checked, so that they start up while the model loads."""
     cfg = as_config(cfg)
     validate(cfg)
     if cfg.data.shard == "auto":
@@ -83,6 +85,8 @@ def plan(cfg) -> Plan:
         cfg.data.shard = resolve_shard("auto")
     techniques = build_techniques(cfg)
     source = build_source(cfg.data)  # missing path / empty folder fail here, before the model loads
+    if spares is not None and source.items and any(t.uses_data for t in techniques.values()):
+        spares.start(min(cfg.num_workers, len(source.items)))
     device = resolve_device(cfg.device)
     model = build_model(cfg.model, device, cfg.data.clip_len)
     check_clips(model, source, cfg)
@@ -114,12 +118,13 @@ def run(cfg, out_dir: str | Path, command: Optional[str] = None,
     and maps.h5 untouched. `command` (recorded in maps.h5) defaults to this process's command line.
     """
     out_dir = Path(out_dir)
-    with RunDirLock(out_dir, command or command_line()), sigterm_as_interrupt():
-        p = plan(cfg)
-        return _run(p, out_dir, command, on_start)
+    with RunDirLock(out_dir, command or command_line()), sigterm_as_interrupt(), SpareDecoders() as spares:
+        p = plan(cfg, spares)
+        return _run(p, out_dir, command, on_start, spares)
 
 
-def _run(p: Plan, out_dir: Path, command: Optional[str], on_start: Optional[Callable[[], None]]) -> Summary:
+def _run(p: Plan, out_dir: Path, command: Optional[str], on_start: Optional[Callable[[], None]],
+         spares: Optional[SpareDecoders] = None) -> Summary:
     """Open (or resume) maps.h5 once, record this attempt, do the work; an attempt stopped early
     is recorded as interrupted, with how far it got."""
     seed_everything(p.cfg.seed)
@@ -130,7 +135,7 @@ def _run(p: Plan, out_dir: Path, command: Optional[str], on_start: Optional[Call
             on_start()
         record = AttemptRecord(maps_file, attempt(p.device, command))
         try:
-            return _work(p, out_dir, maps_file, record)
+            return _work(p, out_dir, maps_file, record, spares)
         except BaseException as err:  # stopped before the per-input loop (e.g. Ctrl-C while generating)
             record.stopped(err, done=0, skipped=0)
             raise
@@ -174,7 +179,8 @@ class AttemptRecord:
             log.warning("this attempt could not be recorded in maps.h5: %s", err)
 
 
-def _work(p: Plan, out_dir: Path, maps_file: MapsFile, record: AttemptRecord) -> Summary:
+def _work(p: Plan, out_dir: Path, maps_file: MapsFile, record: AttemptRecord,
+          spares: Optional[SpareDecoders] = None) -> Summary:
     """Run-level records first (class names, receptive fields, data-free techniques), then the inputs."""
     if p.model.class_names:
         maps_file.write_classes(p.model.class_names)
@@ -184,11 +190,11 @@ def _work(p: Plan, out_dir: Path, maps_file: MapsFile, record: AttemptRecord) ->
     if not per_input:  # data-free techniques only: nothing to decode
         record.finished(done=0, skipped=0, generated=generated)
         return Summary(out_dir, 0, maps_file.rows, 0, 0.0, math.nan, 0, generated, per_input=False)
-    return _inputs(p, out_dir, maps_file, record, per_input, generated)
+    return _inputs(p, out_dir, maps_file, record, per_input, generated, spares)
 
 
 def _inputs(p: Plan, out_dir: Path, maps_file: MapsFile, record: AttemptRecord, per_input: Dict[str, Technique],
-            generated: List[str]) -> Summary:
+            generated: List[str], spares: Optional[SpareDecoders] = None) -> Summary:
     """Every input not yet in maps.h5 through the per-input techniques, then the summaries."""
     cfg = p.cfg
     done_ids = maps_file.done_ids()
@@ -201,10 +207,11 @@ def _inputs(p: Plan, out_dir: Path, maps_file: MapsFile, record: AttemptRecord, 
     summaries = Summaries(per_input)
     if summaries and maps_file.rows:
         summaries.resume(maps_file.reader())
-    loader = Loader(p.source, todo, cfg.data.crop, p.model.preprocess, cfg.batch_size, cfg.num_workers, decode_side(p))
+    loader = Loader(p.source, todo, cfg.data.crop, p.model.preprocess, cfg.batch_size, cfg.num_workers, decode_side(p),
+                    spares=spares)
     count = Count()
     try:
-        with loader:  # the decoder processes start here: their start-up counts in images/s
+        with loader:  # decoding starts here (in the spares started while the model loaded, see plan)
             pngs = _compute_all(p, out_dir, maps_file, loader, per_input, pre_skipped, summaries, count)
     except BaseException as err:
         record.stopped(err, done=count.done, skipped=count.skipped, seconds=round(count.seconds(), 3))

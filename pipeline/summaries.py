@@ -39,8 +39,7 @@ def keep(scores: np.ndarray, ids: np.ndarray, k: int, largest: bool = True,
     Returns {"score": [C, k'], "id": [C, k'], **extra: [C, k', ...]}, k' = min(k, R)."""
     scores = np.asarray(scores, dtype=np.float64)
     ids = np.asarray(ids, dtype=object)
-    _, rank = np.unique(ids.astype(str).ravel(), return_inverse=True)
-    rank = rank.reshape(ids.shape)
+    rank = _id_ranks(ids)
     key = np.where(np.isnan(scores), -np.inf if largest else np.inf, scores)
     order = np.lexsort((rank, -key if largest else key), axis=-1)[:, :k]  # [C, k']
     out = {"score": np.take_along_axis(scores, order, 1), "id": np.take_along_axis(ids, order, 1)}
@@ -50,12 +49,54 @@ def keep(scores: np.ndarray, ids: np.ndarray, k: int, largest: bool = True,
     return out
 
 
+def _id_ranks(ids: np.ndarray) -> np.ndarray:
+    """Each id's rank among the distinct ids of `ids` (as strings), same shape, int64. A dict over
+    the distinct ids (a running top-k holds few of them; sorting every string cost more than the
+    rest of an update); ids broadcast along the rows (a batch's, the same for every channel) are
+    ranked once."""
+    if ids.ndim == 2 and ids.shape[0] > 1 and ids.strides[0] == 0:
+        return np.broadcast_to(_id_ranks(ids[:1]), ids.shape)
+    flat = list(map(str, ids.ravel().tolist()))
+    index = {name: i for i, name in enumerate(sorted(set(flat)))}
+    return np.fromiter(map(index.__getitem__, flat), np.int64, len(flat)).reshape(ids.shape)
+
+
 def select(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray], prefix: str, k: int, largest: bool = True
            ) -> Dict[str, np.ndarray]:
-    """Two running top-k statistics (`<prefix>score`, `<prefix>id`, other `<prefix>*` rows) as one."""
+    """Two running top-k statistics (`<prefix>score`, `<prefix>id`, other `<prefix>*` rows, each
+    row ordered as `keep` leaves it) as one. When one side holds k per row, only the rows where
+    the other's best can displace its worst are merged (`keep`); the others are that side's rows
+    as they are, which after the first batches of a run is almost every row."""
     names = [n[len(prefix):] for n in a if n.startswith(prefix) and n[len(prefix):] not in ("score", "id")]
-    both = {name: np.concatenate([a[prefix + name], b[prefix + name]], 1) for name in ["score", "id", *names]}
-    return keep(both["score"], both["id"], k, largest, {name: both[name] for name in names})
+    fields = ["score", "id", *names]
+
+    def merged(rows) -> Dict[str, np.ndarray]:
+        both = {name: np.concatenate([a[prefix + name][rows], b[prefix + name][rows]], 1) for name in fields}
+        return keep(both["score"], both["id"], k, largest, {name: both[name] for name in names})
+
+    full, other = (a, b) if a[prefix + "score"].shape[1] >= b[prefix + "score"].shape[1] else (b, a)
+    if full[prefix + "score"].shape[1] != k:  # neither side holds k yet: every row changes width
+        return merged(slice(None))
+    rows = _rows_to_merge(np.asarray(full[prefix + "score"], np.float64),
+                          np.asarray(other[prefix + "score"], np.float64), k, largest)
+    out = {name: np.array(full[prefix + name], dtype=np.float64 if name == "score" else None, copy=True)
+           for name in fields}
+    if rows.any():
+        for name, values in merged(rows).items():
+            out[name][rows] = values
+    return out
+
+
+def _rows_to_merge(full: np.ndarray, other: np.ndarray, k: int, largest: bool) -> np.ndarray:
+    """[C] bool: the rows where `other`'s best (other [C, ko], best first) may enter `full`'s kept
+    k (full [C, k], best first): where it is not strictly worse than full's worst (a tie goes to
+    the ids, so it is merged). NaN scores rank last, as in keep."""
+    if other.shape[1] == 0:
+        return np.zeros(full.shape[0], bool)
+    fill = -np.inf if largest else np.inf
+    worst = np.where(np.isnan(full[:, k - 1]), fill, full[:, k - 1])
+    best = np.where(np.isnan(other[:, 0]), fill, other[:, 0])
+    return best >= worst if largest else best <= worst
 
 
 def top_k(scores: np.ndarray, ids: Sequence[str], k: int, extra: Optional[Dict[str, np.ndarray]] = None

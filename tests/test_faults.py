@@ -18,7 +18,8 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.data.base import Item
-from pipeline.data.loader import MAX_DEATHS_IN_A_ROW, DecodeError, Loader
+from pipeline.data import loader as loader_module
+from pipeline.data.loader import MAX_DEATHS_IN_A_ROW, DecodeError, Loader, SpareDecoders
 from pipeline.io import space
 from pipeline.io.render import png_name
 from pipeline.io.space import DiskFull
@@ -344,6 +345,56 @@ def test_loader_replaces_a_dead_worker_and_keeps_order(tmp_path):
         batches = list(loader)
     assert [it.id for b in batches for it in b.items] == [f"img{i:03d}.png" for i in range(7)]
     assert sorted(s.id for b in batches for s in b.skipped) == ["poison000.png", "poison001.png"]
+
+
+def test_a_loader_adopts_spare_decoders_and_replaces_one_that_died_waiting(tmp_path, monkeypatch):
+    folder = tmp_path / "images"
+    write_images(folder, 6)
+    source = faulty.PoisonSource(folder, [".png"])
+    with SpareDecoders() as spares:
+        spares.start(3)
+        pids = [proc.pid for proc, _ in spares._ready]
+        dead = spares._ready[0][0]
+        dead.kill()  # died while it waited: the loader starts a new one in its place
+        dead.wait()
+        spawned = []
+        real_spawn = loader_module._spawn
+        monkeypatch.setattr(loader_module, "_spawn", lambda: spawned.append(1) or real_spawn())
+        with Loader(source, source.items, None, PRE, batch_size=4, num_workers=2, spares=spares) as loader:
+            used = [w.pid for w in loader._pool.workers]
+            batches = list(loader)
+        assert len(spawned) == 1 and used[0] not in pids and used[1] == pids[1]
+        assert [it.id for b in batches for it in b.items] == [f"img{i:03d}.png" for i in range(6)]
+        left = spares._ready[0][0]
+        assert len(spares) == 1 and left.pid == pids[2]
+    assert left.poll() is not None  # a spare never adopted is stopped with its SpareDecoders
+    assert not any(alive(pid) for pid in pids)
+
+
+def test_a_run_decodes_in_the_spares_started_while_the_model_loads(make_cfg, image_folder, tiny_checkpoint, tmp_path,
+                                                                   monkeypatch):
+    spawned = []
+    real_spawn = loader_module._spawn
+
+    def spawn():
+        spawned.append(real_spawn())
+        return spawned[-1]
+
+    monkeypatch.setattr(loader_module, "_spawn", spawn)
+    import pipeline.runner as runner
+
+    real_build = runner.build_model
+    before_model = []
+    monkeypatch.setattr(runner, "build_model", lambda *a, **k: before_model.append(len(spawned)) or real_build(*a, **k))
+    summary = run(make_cfg(*tiny_overrides(tiny_checkpoint, image_folder, "technique=gradcam", "layers=[relu2]",
+                                           "num_workers=2")), tmp_path / "run")
+    assert summary.done == 7 and summary.skipped == 0
+    assert before_model == [2] and len(spawned) == 2  # started before the model, and no other decoder
+    assert all(proc.poll() is not None for proc, _ in spawned)
+    with pytest.raises(ConfigError, match="layer"):  # refused after they started: none is left behind
+        run(make_cfg(*tiny_overrides(tiny_checkpoint, image_folder, "technique=gradcam", "layers=[nope]",
+                                     "num_workers=2")), tmp_path / "bad")
+    assert len(spawned) == 4 and all(proc.poll() is not None for proc, _ in spawned)
 
 
 def test_workers_dying_on_every_item_stop_the_run(tmp_path):

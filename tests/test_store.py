@@ -233,6 +233,38 @@ def test_running_top_k_is_independent_of_how_rows_are_split():
     assert whole["l", "count"] == 7 and whole["l", "hist"].sum() == 7
 
 
+@pytest.mark.parametrize("largest", [True, False])
+def test_select_merging_only_the_rows_that_change_equals_one_keep_over_every_row(largest):
+    """keep/select per row of [C, R] with ties, NaN and whole rows that never change after the
+    first batch: any split into batches, combined in any order, gives keep over all rows."""
+    from pipeline.summaries import keep, select
+
+    rng = np.random.default_rng(1)
+    C, R, k = 40, 60, 5
+    scores = rng.integers(0, 6, (C, R)).astype(np.float64)  # many ties
+    scores[::7] = 0.0  # a dead channel: every score tied
+    scores[3, rng.integers(0, R, 10)] = np.nan
+    scores[5, :] = np.linspace(10, 0, R)  # the first batch holds the whole top-k
+    ids = np.array([[f"in{(j * 37) % R:03d}" for j in range(R)]] * C, dtype=object)
+    argmax = rng.integers(0, 9, (C, R, 2))
+    whole = keep(scores, ids, k, largest, {"argmax": argmax})
+    for seed in range(6):
+        cuts = np.sort(np.random.default_rng(seed).choice(np.arange(1, R), 4, replace=False))
+        parts = [{f"p/{n}": v for n, v in keep(scores[:, a:b], ids[:, a:b], k, largest, {"argmax": argmax[:, a:b]}).items()}
+                 for a, b in zip([0, *cuts], [*cuts, R])]
+        order = np.random.default_rng(seed + 10).permutation(len(parts)) if seed % 2 else range(len(parts))
+        state = None
+        for i in order:
+            if state is None:
+                state = parts[i]
+                continue
+            pair = (state, parts[i]) if seed % 3 else (parts[i], state)
+            state = {f"p/{n}": v for n, v in select(*pair, "p/", k, largest).items()}
+        np.testing.assert_array_equal(state["p/score"], whole["score"])
+        assert state["p/id"].tolist() == whole["id"].tolist()
+        np.testing.assert_array_equal(state["p/argmax"], whole["argmax"])
+
+
 # -- merge(shards) == unsharded run, for erf and a test-only summary --------------------------------
 @pytest.fixture
 def sharded(make_cfg, image_folder, tiny_checkpoint, tmp_path, top_scores):

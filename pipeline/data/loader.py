@@ -32,7 +32,7 @@ import threading
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import TYPE_CHECKING, Deque, Dict, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -77,10 +77,12 @@ class Loader:
     workers are stopped there, never in `__del__`."""
 
     def __init__(self, source: Source, items: Sequence[Item], crop, pre: Preprocess, batch_size: int,
-                 num_workers: int, min_side: Optional[int] = None, prefetch: int = 2):
+                 num_workers: int, min_side: Optional[int] = None, prefetch: int = 2,
+                 spares: Optional["SpareDecoders"] = None):
         self.source, self.items, self.crop, self.pre = source, list(items), crop, pre
         self.batch_size, self.num_workers, self.min_side = max(1, batch_size), num_workers, min_side
         self.prefetch = max(1, prefetch)
+        self.spares = spares  # processes started ahead (while the model loaded), taken first
         self._pool: Optional[_Pool] = None
 
     def start(self) -> "Loader":
@@ -185,22 +187,76 @@ def _lean(source: Source) -> Source:
     return lean
 
 
+def _spawn() -> Tuple[subprocess.Popen, Connection]:
+    """A decoder process, not yet told what to decode: a fresh interpreter (`python -c`), not a
+    fork, talking over a socket pair whose other end only this process holds. It imports only the
+    decoding modules (never the caller's __main__, so a script without an `if __name__ ==
+    "__main__"` guard is safe) and inherits no open file but its socket."""
+    ours, theirs = socket.socketpair()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # what we import, it finds
+    code = f"from pipeline.data.loader import worker_main; worker_main({theirs.fileno()}, {os.getpid()})"
+    proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[theirs.fileno()], env=env,
+                            stdin=subprocess.DEVNULL, close_fds=True)
+    theirs.close()
+    return proc, Connection(ours.detach())
+
+
+def _stop(proc: subprocess.Popen, conn: Connection) -> None:
+    conn.close()  # end-of-file: the worker exits
+    try:
+        proc.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class SpareDecoders:
+    """Decoder processes started ahead of their Loader, so that their start-up (an interpreter
+    importing numpy and OpenCV, about 0.4 s) overlaps other work, such as loading the model:
+    `start(n)` spawns them (from the main thread: PR_SET_PDEATHSIG follows the spawning thread),
+    a Loader given `spares=` adopts them, and `close()` (or the end of the `with`) stops those
+    never adopted."""
+
+    def __init__(self):
+        self._ready: List[Tuple[subprocess.Popen, Connection]] = []
+
+    def start(self, n: int) -> None:
+        self._ready += [_spawn() for _ in range(max(0, n - len(self._ready)))]
+
+    def take(self) -> Optional[Tuple[subprocess.Popen, Connection]]:
+        return self._ready.pop(0) if self._ready else None
+
+    def __len__(self) -> int:
+        return len(self._ready)
+
+    def close(self) -> None:
+        while self._ready:
+            _stop(*self._ready.pop())
+
+    def __enter__(self) -> "SpareDecoders":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class _Worker:
-    """One decoder process: a fresh interpreter (`python -c`), not a fork, talking over a socket
-    pair whose other end only this process holds. It imports only the decoding modules (never the
-    caller's __main__, so a script without an `if __name__ == "__main__"` guard is safe) and
-    inherits no open file but its socket."""
+    """One decoder process (a spare started ahead when there is one, else a new one, see _spawn),
+    told what to decode by its first message."""
 
     def __init__(self, loader: Loader):
-        ours, theirs = socket.socketpair()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # what we import, it finds
-        code = f"from pipeline.data.loader import worker_main; worker_main({theirs.fileno()}, {os.getpid()})"
-        self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[theirs.fileno()], env=env,
-                                     stdin=subprocess.DEVNULL, close_fds=True)
-        theirs.close()
-        self.conn = Connection(ours.detach())
+        setup = (_lean(loader.source), loader.crop, loader.pre, loader.min_side)
+        spare = loader.spares.take() if loader.spares is not None else None
+        self.proc, self.conn = spare or _spawn()
         self.held: Deque[int] = collections.deque()  # indices sent, oldest first (the one being decoded)
-        self.conn.send((_lean(loader.source), loader.crop, loader.pre, loader.min_side))
+        try:
+            self.conn.send(setup)
+        except OSError:  # a spare that died while it waited: a new one instead
+            if spare is None:
+                raise
+            _stop(self.proc, self.conn)
+            self.proc, self.conn = _spawn()
+            self.conn.send(setup)
 
     @property
     def pid(self) -> int:
@@ -248,13 +304,9 @@ class _Pool:
         self._wake()
         self.thread.join(timeout=10)
         for w in self.workers:
-            w.conn.close()  # end-of-file: the worker exits
+            w.conn.close()  # end-of-file: every worker exits (closed first, then waited on together)
         for w in self.workers:
-            try:
-                w.proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                w.proc.kill()
-                w.proc.wait()
+            _stop(w.proc, w.conn)
         self.workers = []
         for fd in (self.wake_r, self.wake_w):
             os.close(fd)
