@@ -29,6 +29,23 @@ def test_append_reopen_and_done_ids(tmp_path):
         assert h.attrs["config"] == "a: 1"
 
 
+def test_room_reserved_and_not_written_is_freed_at_close(tmp_path):
+    """A summary reserves twice its raw size; lzf may store a fraction of it. The blocks allocated
+    past the end of the file must not stay on disk after the run (du, quotas)."""
+    import os
+
+    path = tmp_path / "maps.h5"
+    f = MapsFile(path, {"k": 1})
+    f.write_group("summary", {"patches": np.zeros((64, 3, 64, 64), np.uint8)})  # compresses to almost nothing
+    f.reserve(64 << 20)
+    assert os.stat(path).st_blocks * 512 > 64 << 20  # the room is allocated while the file is open
+    f.close()
+    st = os.stat(path)
+    assert st.st_blocks * 512 < st.st_size + (1 << 20)
+    with h5py.File(path, "r") as h:
+        assert h["summary/patches"].shape == (64, 3, 64, 64)
+
+
 def test_uncommitted_rows_are_dropped_on_reopen(tmp_path):
     f = MapsFile(tmp_path / "maps.h5", {"k": 1})
     f.append(columns(0, 4))

@@ -106,6 +106,22 @@ def reserve(fd: int, nbytes: int, path: Path | str) -> bool:
     return False
 
 
+def release(path: Path | str) -> None:
+    """Free the blocks `reserve()` allocated past the end of a closed file that no write used
+    (truncating a file to its own size drops them); without this they stay allocated, unseen by
+    `ls` but counted by `du` and the quota, after the run. A file gone or read-only is left."""
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        os.ftruncate(fd, os.fstat(fd).st_size)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder, renamed into place when
     complete: a reader (a concurrent job, the report) never sees half a file, and a write that

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import ConfigError
-from pipeline.io.space import DiskFull, is_disk_full, reserve
+from pipeline.io.space import DiskFull, is_disk_full, release, reserve
 from pipeline.store import layout as L
 from pipeline.store.checks import check_resumable, open_error
 from pipeline.store.h5util import (META_BYTES, STR, append_bytes, chunk_shape, data_bytes, datasets,
@@ -297,6 +297,8 @@ class MapsFile:
             src.copy(src[name], self.f.require_group(parent) if parent else self.f, name=base)
 
     def close(self) -> None:
+        """Flush and close; then the room reserved past the end of the file and not used is freed."""
         if self.f.id.valid:
             self.f.flush()
             self.f.close()
+            release(self.path)
