@@ -67,15 +67,20 @@ class Fetched(NamedTuple):
     x: torch.Tensor  # [n, 3, S, S] model input, on the run's device
 
 
+FETCH_IN_PROCESS = 64  # up to this many inputs are decoded again in the main process (no decoder start-up)
+
+
 def input_fetcher(p) -> Callable:
     """fetch(ids) -> batches (Fetched: ids, frames, display [n, S, S, 3] uint8, x [n, 3, S, S] on the device):
-    this run's inputs decoded again by id, as the model saw them (for Technique.complete)."""
+    this run's inputs decoded again by id, as the model saw them (for Technique.complete); more
+    than FETCH_IN_PROCESS of them in `num_workers` decoder processes."""
     by_id = {item.id: item for item in p.source.items}
     cfg = p.cfg
 
     def fetch(ids: Sequence[str]) -> Iterator[Fetched]:
         items = [by_id[i] for i in dict.fromkeys(ids) if i in by_id]
-        with Loader(p.source, items, cfg.data.crop, p.model.preprocess, cfg.batch_size, cfg.num_workers,
+        workers = cfg.num_workers if len(items) > FETCH_IN_PROCESS else 0
+        with Loader(p.source, items, cfg.data.crop, p.model.preprocess, cfg.batch_size, workers,
                     decode_side(p)) as loader:
             for batch in loader:
                 if batch.items:

@@ -65,8 +65,8 @@ def select(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray], prefix: str, k: i
            ) -> Dict[str, np.ndarray]:
     """Two running top-k statistics (`<prefix>score`, `<prefix>id`, other `<prefix>*` rows, each
     row ordered as `keep` leaves it) as one. When one side holds k per row, only the rows where
-    the other's best can displace its worst are merged (`keep`); the others are that side's rows
-    as they are, which after the first batches of a run is almost every row."""
+    the other's best displaces its worst are merged (`keep`); the others are that side's rows as
+    they are, which after the first batches of a run is almost every row."""
     names = [n[len(prefix):] for n in a if n.startswith(prefix) and n[len(prefix):] not in ("score", "id")]
     fields = ["score", "id", *names]
 
@@ -77,8 +77,8 @@ def select(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray], prefix: str, k: i
     full, other = (a, b) if a[prefix + "score"].shape[1] >= b[prefix + "score"].shape[1] else (b, a)
     if full[prefix + "score"].shape[1] != k:  # neither side holds k yet: every row changes width
         return merged(slice(None))
-    rows = _rows_to_merge(np.asarray(full[prefix + "score"], np.float64),
-                          np.asarray(other[prefix + "score"], np.float64), k, largest)
+    rows = _rows_to_merge(np.asarray(full[prefix + "score"], np.float64), full[prefix + "id"],
+                          np.asarray(other[prefix + "score"], np.float64), other[prefix + "id"], k, largest)
     out = {name: np.array(full[prefix + name], dtype=np.float64 if name == "score" else None, copy=True)
            for name in fields}
     if rows.any():
@@ -87,16 +87,21 @@ def select(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray], prefix: str, k: i
     return out
 
 
-def _rows_to_merge(full: np.ndarray, other: np.ndarray, k: int, largest: bool) -> np.ndarray:
-    """[C] bool: the rows where `other`'s best (other [C, ko], best first) may enter `full`'s kept
-    k (full [C, k], best first): where it is not strictly worse than full's worst (a tie goes to
-    the ids, so it is merged). NaN scores rank last, as in keep."""
+def _rows_to_merge(full: np.ndarray, full_ids: np.ndarray, other: np.ndarray, other_ids: np.ndarray, k: int,
+                   largest: bool) -> np.ndarray:
+    """[C] bool: the rows where `other`'s best entry (other [C, ko], best first by score then id)
+    would enter `full`'s kept k (full [C, k], ordered alike): it scores better than full's worst,
+    or the same with a smaller id. Rows whose scores all tie (a dead channel's zeros, duplicated
+    inputs) are therefore merged only when an id would change. NaN scores rank last, as in keep."""
     if other.shape[1] == 0:
         return np.zeros(full.shape[0], bool)
     fill = -np.inf if largest else np.inf
     worst = np.where(np.isnan(full[:, k - 1]), fill, full[:, k - 1])
     best = np.where(np.isnan(other[:, 0]), fill, other[:, 0])
-    return best >= worst if largest else best <= worst
+    rows = best > worst if largest else best < worst
+    for c in np.flatnonzero(best == worst):
+        rows[c] = str(other_ids[c, 0]) < str(full_ids[c, k - 1])
+    return rows
 
 
 def top_k(scores: np.ndarray, ids: Sequence[str], k: int, extra: Optional[Dict[str, np.ndarray]] = None

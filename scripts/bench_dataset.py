@@ -1,7 +1,8 @@
 """`python scripts/bench.py --only dataset`: the dataset-level techniques (issue 13) end to end, as
-a ratio to the bare no-grad forward pass on the same inputs timed in the same process just before
-the run: each case runs in a fresh spawned process (the loaded model included), which times the
-bare forward on (up to 64 of) its inputs, then `run()`s, then reports
+a ratio to the bare no-grad forward pass on the same inputs timed in the same process: each case
+runs in a fresh spawned process (the loaded model included), which times the bare forward on (up
+to 64 of) its inputs, `run()`s, times the bare forward again (this shared machine's speed drifts
+over a minute; the reference is the mean of the two), then reports
 
 * "loop": images/s of the per-input pass (decoder start-up included), as the other figures;
 * "all": images/s counting the run-level summary at the end too (the dataset examples' patches,
@@ -27,11 +28,10 @@ FORWARD_INPUTS = 64  # the bare forward is timed on this many of the run's input
 
 
 def _child(conn, overrides, out, batch_size: int) -> None:
-    """In a spawned process: time the bare forward, run once; send (bare forward images/s, loop
-    images/s, images/s counting the end-of-run summary, peak RSS MiB)."""
+    """In a spawned process: time the bare forward, run once, time it again; send (bare forward
+    images/s, the mean of before and after; loop images/s; images/s counting the end-of-run
+    summary; peak RSS MiB of the run)."""
     import resource
-
-    import torch
 
     from bench import bare_forward  # scripts/bench.py (this process's sys.path is the parent's)
     from pipeline.config import CONF_DIR, register_configs
@@ -42,12 +42,12 @@ def _child(conn, overrides, out, batch_size: int) -> None:
         cfg = compose(config_name="config", overrides=overrides)
     paths = sorted(p for p in Path(cfg.data.path).iterdir() if p.is_file())[:FORWARD_INPUTS]
     device = resolve_device(cfg.device)
-    forward = bare_forward(cfg, paths, batch_size, device, 2)
-    torch.cuda.empty_cache() if device.type == "cuda" else None
+    before = bare_forward(cfg, paths, batch_size, device, 2)
     summary = run(cfg, out)
     total = summary.done / (summary.seconds + summary.summary_seconds)  # the patches cut at the end count
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    conn.send((forward, summary.images_per_s, total, rss))
+    after = bare_forward(cfg, paths, batch_size, device, 2)
+    conn.send(((before + after) / 2, summary.images_per_s, total, rss))
     conn.close()
 
 
@@ -77,7 +77,7 @@ def dataset_section(common, forward: float, tmp: Path, args, make_inputs) -> Non
         settings = [(args.n, common + extra)] + [(n, folder + extra + [f"data.limit={n}"]) for n in MEMORY_AT]
         for n, overrides in settings:
             runs = [in_process(overrides, tmp / "runs" / f"{name}_{n}_{r}", args.batch_size)
-                    for r in range(args.repeat if n == args.n else 1)]
+                    for r in range(args.repeat if n < max(MEMORY_AT) else 1)]
             best = max(runs, key=lambda r: r[1] / r[0])
             fwd, loop, total, rss = best
             print(f"{name:<20} {n:>6} {fwd:>8.1f} {loop:>7.1f} {loop / fwd:>6.2f} {total:>7.1f} {total / fwd:>6.2f} "

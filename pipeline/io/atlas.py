@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Mapping, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -33,6 +35,7 @@ from pipeline.io.tiles import Tile, grid, label
 ATLAS_DIR = "atlas"  # png/atlas/
 ATLAS_TILE = 128  # px: the largest atlas tile (render.tile when smaller)
 PAGE_CHANNELS = 32  # channels (rows) per atlas PNG
+ENCODERS = 2  # pages encoded at once, in threads, while the next one is drawn
 ID_CHARS = 24  # ids longer than this are shown as ".." + their last characters
 
 FilterImages = Callable[[str, int], Optional[Tile]]  # (layer, channel) -> RGB [S, S, 3] or None
@@ -194,22 +197,33 @@ def render_atlas(out_dir, summary: Mapping[Tuple[str, str], np.ndarray], cfg,
                  filter_images: Optional[FilterImages] = None, per_page: int = PAGE_CHANNELS) -> List[Path]:
     """Write `png/atlas/<layer>.png` (or its pages `<layer>-<part>.png`) for every layer of a
     dataset_examples summary, each written atomically; a page left by an earlier drawing of the
-    same layer that this one does not write is removed. Returns the paths written, layer by layer."""
+    same layer that this one does not write is removed. Returns the paths written, layer by layer.
+    Pages are encoded in ENCODERS threads (OpenCV lets go of the GIL) while the next ones are drawn."""
     folder = Path(out_dir) / "png" / ATLAS_DIR
     size, written = atlas_tile(cfg), []
-    for layer, arrays in by_layer(summary).items():
-        if "top_scores" not in arrays:
-            continue
-        count = len(arrays["top_scores"])
-        names = page_names(layer, count, per_page)
-        for part, name in enumerate(names):
-            rows = [channel_row(layer, arrays, i, size, filter_images)
-                    for i in range(part * per_page, min(count, (part + 1) * per_page))]
-            if not rows:  # a layer without channels: an empty page would say nothing
-                continue
-            write_png(folder / name, grid(rows, size))
-            written.append(folder / name)
-        remove_stale_pages(folder, layer, keep=set(written))
+    with ThreadPoolExecutor(ENCODERS, thread_name_prefix="atlas-png") as pool:
+        pending: Deque[Future] = deque()
+        try:
+            for layer, arrays in by_layer(summary).items():
+                if "top_scores" not in arrays:
+                    continue
+                count = len(arrays["top_scores"])
+                for part, name in enumerate(page_names(layer, count, per_page)):
+                    rows = [channel_row(layer, arrays, i, size, filter_images)
+                            for i in range(part * per_page, min(count, (part + 1) * per_page))]
+                    if not rows:  # a layer without channels: an empty page would say nothing
+                        continue
+                    while len(pending) >= ENCODERS:  # at most this many pages held in memory
+                        pending.popleft().result()
+                    pending.append(pool.submit(write_png, folder / name, grid(rows, size)))
+                    written.append(folder / name)
+                for future in pending:  # this layer's pages exist before its stale ones go
+                    future.result()
+                pending.clear()
+                remove_stale_pages(folder, layer, keep=set(written))
+        finally:
+            for future in pending:
+                future.cancel()
     return written
 
 

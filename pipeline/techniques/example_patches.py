@@ -59,23 +59,42 @@ def place(image: np.ndarray, x0: int, y0: int, side: int, P: int) -> Tuple[np.nd
 
 def cut_patches(t, final, facts, fetch, earlier=()) -> Dict[Tuple[str, str], np.ndarray]:
     """`<side>_box` [C, k, 4], `<side>_patches` [C, k, 3, P, P] and `<side>_frames` [C, k] (-1 for
-    images) for each layer and side of a finalized dataset_examples summary (see DatasetExamples.complete)."""
-    P, out = t.options.patch_size, {}
+    images) for each layer and side of a finalized dataset_examples summary (see
+    DatasetExamples.complete). The inputs that no earlier summary covers are decoded again once,
+    for every layer and side together."""
+    P, out, todo = t.options.patch_size, {}, {}
     for layer, side in sorted({(layer, o[: -len("_ids")]) for layer, o in final if o.endswith("_ids")}):
-        ids, argmax = final[layer, f"{side}_ids"], final[layer, f"{side}_argmax"]
-        box = np.zeros(ids.shape + (4,), np.int64)
-        patches = np.zeros(ids.shape + (3, P, P), np.uint8)
-        frames = np.full(ids.shape, -1, np.int64)
-        todo = _from_earlier(layer, side, ids, facts, earlier, box, patches, frames)
-        if todo:
-            if fetch is None:
-                missing = sorted({ids[c, j] for c, j in todo})
-                raise ValueError(f"dataset_examples: {len(missing)} kept example(s) of {layer} have no patch in any "
-                                 f"shard's summary (e.g. {missing[0]}): resume the shard holding them so its run "
-                                 "finishes its summary, then merge again")
-            _from_inputs(t, layer, ids, argmax, facts, fetch, todo, box, patches, frames)
-        out[layer, f"{side}_box"], out[layer, f"{side}_patches"] = box, patches
-        out[layer, f"{side}_frames"] = frames
+        ids = final[layer, f"{side}_ids"]
+        box = out[layer, f"{side}_box"] = np.zeros(ids.shape + (4,), np.int64)
+        patches = out[layer, f"{side}_patches"] = np.zeros(ids.shape + (3, P, P), np.uint8)
+        frames = out[layer, f"{side}_frames"] = np.full(ids.shape, -1, np.int64)
+        left = _from_earlier(layer, side, ids, facts, earlier, box, patches, frames)
+        if left:
+            todo[layer, side] = left
+    if not todo:
+        return out
+    if fetch is None:
+        (layer, side), left = next(iter(todo.items()))
+        missing = sorted({final[layer, f"{side}_ids"][c, j] for c, j in left})
+        raise ValueError(f"dataset_examples: {len(missing)} kept example(s) of {layer} have no patch in any "
+                         f"shard's summary (e.g. {missing[0]}): resume the shard holding them so its run "
+                         "finishes its summary, then merge again")
+    wanted: Dict[str, Dict[Tuple[str, str], List[Tuple[int, int]]]] = {}  # id -> (layer, side) -> slots
+    for (layer, side), left in todo.items():
+        ids = final[layer, f"{side}_ids"]
+        for c, j in left:
+            wanted.setdefault(str(ids[c, j]), {}).setdefault((layer, side), []).append((c, j))
+    found = set()
+    for batch_ids, batch_frames, display, x in fetch(list(wanted)):
+        found.update(batch_ids)
+        for layer, side in todo:
+            slots = {i: wanted.get(i, {}).get((layer, side), []) for i in batch_ids}
+            _cut(t, layer, final[layer, f"{side}_argmax"], facts, batch_ids, batch_frames, display, x, slots,
+                 out[layer, f"{side}_box"], out[layer, f"{side}_patches"], out[layer, f"{side}_frames"])
+    lost = sorted(set(wanted) - found)
+    if lost:
+        log.warning("dataset_examples: %d kept input(s) could not be decoded again (moved or changed since?); "
+                    "their patches are black: %s", len(lost), ", ".join(lost[:5]))
     return out
 
 
@@ -101,37 +120,29 @@ def _from_earlier(layer, side, ids, facts, earlier, box, patches, frames) -> Lis
     return todo
 
 
-def _from_inputs(t, layer, ids, argmax, facts, fetch, todo, box, patches, frames) -> None:
-    """Cut the patches of `todo` entries from the inputs `fetch` re-decodes, a batch at a time."""
+def _cut(t, layer, argmax, facts, batch_ids, batch_frames, display, x, slots, box, patches, frames) -> None:
+    """Cut the patches of one layer and side from a batch of inputs decoded again: `slots` maps
+    each id of the batch to its (channel row, slot) entries."""
     field, channels = facts[layer, "field"], facts[layer, "channels"]
-    wanted: Dict[str, List[Tuple[int, int]]] = {}
-    for c, j in todo:
-        wanted.setdefault(str(ids[c, j]), []).append((c, j))
-    found = set()
-    for batch_ids, batch_frames, display, x in fetch(list(wanted)):
-        grads = _erf_grads(t, layer, batch_ids, x, wanted, argmax, channels) if t.options.patch == "erf" else {}
-        for row, i in enumerate(batch_ids):
-            found.add(i)
-            for c, j in wanted.get(i, []):
-                frames[c, j] = batch_frames[row]
-            cut: Dict[Tuple[int, int, int], Tuple[np.ndarray, List[int]]] = {}  # one crop per square of an input
-            for c, j in wanted.get(i, []):
-                uy, ux = (int(v) for v in argmax[c, j])
-                S = display.shape[1]
-                if t.options.patch == "full":
-                    x0, y0, side = 0, 0, S
-                elif t.options.patch == "erf":
-                    sq = square(field, uy, ux, S)
-                    x0, y0, side = erf_square(grads[c, j], (sq[1] + (sq[2] - 1) / 2, sq[0] + (sq[2] - 1) / 2))
-                else:
-                    x0, y0, side = square(field, uy, ux, S)
-                if (x0, y0, side) not in cut:  # deep layers: many channels, one field covering the input
-                    cut[x0, y0, side] = place(display[row], x0, y0, side, patches.shape[-1])
-                patches[c, j], box[c, j] = cut[x0, y0, side]
-    lost = sorted(set(wanted) - found)
-    if lost:
-        log.warning("dataset_examples: %d kept input(s) of %s could not be decoded again (moved or changed "
-                    "since?); their patches are black: %s", len(lost), layer, ", ".join(lost[:5]))
+    if not any(slots.values()):
+        return
+    grads = _erf_grads(t, layer, batch_ids, x, slots, argmax, channels) if t.options.patch == "erf" else {}
+    S = display.shape[1]
+    for row, i in enumerate(batch_ids):
+        cut: Dict[Tuple[int, int, int], Tuple[np.ndarray, List[int]]] = {}  # one crop per square of an input
+        for c, j in slots[i]:
+            frames[c, j] = batch_frames[row]
+            uy, ux = (int(v) for v in argmax[c, j])
+            if t.options.patch == "full":
+                x0, y0, side = 0, 0, S
+            elif t.options.patch == "erf":
+                sq = square(field, uy, ux, S)
+                x0, y0, side = erf_square(grads[c, j], (sq[1] + (sq[2] - 1) / 2, sq[0] + (sq[2] - 1) / 2))
+            else:
+                x0, y0, side = square(field, uy, ux, S)
+            if (x0, y0, side) not in cut:  # deep layers: many channels, one field covering the input
+                cut[x0, y0, side] = place(display[row], x0, y0, side, patches.shape[-1])
+            patches[c, j], box[c, j] = cut[x0, y0, side]
 
 
 def _erf_grads(t, layer, batch_ids, x, wanted, argmax, channels) -> Dict[Tuple[int, int], np.ndarray]:
