@@ -24,6 +24,7 @@ import yaml
 from pipeline.io.atlas import ATLAS_DIR
 from pipeline.report_atlas import Atlas, atlas_section, read_atlas, write_atlas_strips
 from pipeline.report_html import Image, Raw, esc, facts, figure, fmt, grid, page, table
+from pipeline.report_leaderboard import LEADERBOARD_CSS, leaderboard_section
 from pipeline.report_sweep import _sweep_overrides, anchors, sweep_table
 from pipeline.store import MAPS, Column, open_run
 from pipeline.store.layout import split_map_name
@@ -314,8 +315,9 @@ def build(root: Path, out: Path, max_images: int = MAX_IMAGES) -> str:
         if run.error:
             raise ReportError(run.error)
         intro = f'<p class="muted">Run dir <code>{esc(root.resolve())}</code></p>'
-        extra = write_atlas_strips([run], out)
-        return page(f"Run report: {root.resolve().name}", intro, run_section(run, base, max_images), **extra)
+        extra = with_css(write_atlas_strips([run], out), LEADERBOARD_CSS)
+        body = leaderboard_section([run]) + run_section(run, base, max_images)
+        return page(f"Run report: {root.resolve().name}", intro, body, **extra)
     names = [d.relative_to(root).as_posix() for d in dirs]
     runs = [read_run(d, n, a) for d, n, a in zip(dirs, names, anchors(names))]
     keys, summary = sweep_table(runs)
@@ -328,9 +330,14 @@ def build(root: Path, out: Path, max_images: int = MAX_IMAGES) -> str:
                    if not (p.parent.parent / "maps.h5").is_file() and p.parent.parent != root), key=natural_key)
     if lost:
         intro.append(f'<p class="error">Job dirs without maps.h5 (failed before writing?): {esc(", ".join(lost))}</p>')
-    extra = write_atlas_strips(runs, out)
-    body = ["<h2>Runs</h2>", summary] + [run_section(r, base, max_images, level=2) for r in runs]
+    extra = with_css(write_atlas_strips(runs, out), LEADERBOARD_CSS)
+    body = ["<h2>Runs</h2>", summary, leaderboard_section(runs)] + [run_section(r, base, max_images, level=2) for r in runs]
     return page(f"Sweep report: {root.resolve().name}", "\n".join(intro), "\n".join(body), **extra)
+
+
+def with_css(extra: Dict[str, str], css: str) -> Dict[str, str]:
+    """page()'s css/script extras with `css` added."""
+    return {**extra, "css": extra.get("css", "") + css}
 
 
 def write_report(root: str | Path, out: str | Path | None = None, max_images: int = MAX_IMAGES) -> Path:
