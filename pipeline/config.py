@@ -66,6 +66,7 @@ class DataConfig:
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"]
     )
     crop: Optional[List[int]] = None  # [x, y, w, h] in the source image's pixels
+    annotations: Optional[str] = None  # labels / boxes: a CSV id,class,x,y,w,h, a Pascal VOC folder or a COCO JSON
     limit: Optional[int] = None
     max_pixels: Optional[int] = 100_000_000  # larger images (by their header) are skipped; null: no limit
     reduced_decode: bool = True  # decode large JPEGs at 1/2, 1/4, 1/8 size when the model needs far fewer pixels
@@ -91,6 +92,8 @@ class EvaluateConfig:
     steps: int = 16  # points of the deletion / insertion curves
     sanity: bool = False  # cascading model-randomization check (Adebayo et al. 2018)
     sanity_steps: int = 4  # cumulative groups of layers re-initialized from the top
+    pointing: bool = False  # pointing game + energy pointing per heatmap, against data.annotations' boxes
+    pointing_tolerance: int = 15  # px (model input) around the map's maximum that count as a hit
 
 
 @dataclass
@@ -104,7 +107,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     technique: Dict[str, Any] = field(default_factory=dict)
     layers: List[str] = II("model.layers")  # module names or glob patterns
-    target: str = "pred"  # pred | <int> | topk:<k> | "<class name>"
+    target: str = "pred"  # pred | label | <int> | topk:<k> | "<class name>"
     batch_size: int = 16
     max_batch: int = II("batch_size")  # memory budget: most rows per forward when a technique expands a batch
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -207,6 +210,19 @@ def _check_ranges(cfg: Any) -> None:
                               f"cuda:0..cuda:{count - 1}")
 
 
+def _check_annotations(cfg: Any) -> None:
+    """target=label and evaluate.pointing need data.annotations (.get: configs recorded before it)."""
+    if cfg.data.get("annotations") is None:
+        if str(cfg.target).strip() == "label":
+            raise ConfigError("target=label explains each input's annotated class: it needs "
+                              "data.annotations=FILE (a CSV id,class,x,y,w,h, a Pascal VOC folder or a COCO JSON)")
+        if cfg.evaluate.get("pointing", False):
+            raise ConfigError("evaluate.pointing=true scores maps against annotated boxes: it needs "
+                              "data.annotations=FILE (a CSV id,class,x,y,w,h, a Pascal VOC folder or a COCO JSON)")
+    if cfg.evaluate.get("pointing_tolerance", 15) < 0:
+        raise ConfigError(f"evaluate.pointing_tolerance={cfg.evaluate.pointing_tolerance} must be 0 or more (px)")
+
+
 def validate(cfg: Any) -> None:
     """Checks that need no model or data; raises ConfigError naming the bad key (an unknown
     model.kind or data.kind lists the registered ones)."""
@@ -252,5 +268,6 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"store.dtype={cfg.store.dtype!r}: expected float32 or float16")
     if cfg.evaluate.steps < 1 or cfg.evaluate.sanity_steps < 1:
         raise ConfigError("evaluate.steps and evaluate.sanity_steps must be at least 1")
+    _check_annotations(cfg)
     if not cfg.technique:
         raise ConfigError("no technique selected: set technique=<name> or technique=[a,b]")

@@ -2,6 +2,7 @@
 and the checks `runner.plan` runs to build it; `run_key`, what the rows of maps.h5 mean."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -9,11 +10,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import ConfigError
-from pipeline.data import Source
+from pipeline.data import Skip, Source
+from pipeline.data.annotations import LABEL_REASON, Annotations, load_annotations
 from pipeline.evaluation import SanityCheck
 from pipeline.models import LoadedModel, last_conv_block, probe_shapes, resolve_layers
 from pipeline.targets import TargetSpec
 from pipeline.techniques import Technique, get_technique
+
+log = logging.getLogger("pipeline")
 
 
 @dataclass
@@ -28,6 +32,7 @@ class Plan:
     techniques: Dict[str, Technique]
     source: Source
     sanity: Optional[SanityCheck] = None
+    annotations: Optional[Annotations] = None  # data.annotations, matched to the source and the model's classes
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,6 +67,29 @@ def check_clips(model: LoadedModel, source: Source, cfg) -> None:
     if clips and not model.is_video:
         raise ConfigError(f"data.clip_len={cfg.data.clip_len} makes clips, but {model.description} "
                           "is not a 3D (video) CNN; drop data.clip_len to use single frames")
+
+
+def plan_annotations(cfg, source: Source, model: LoadedModel, target: TargetSpec) -> Optional[Annotations]:
+    """data.annotations loaded against the source's ids and the model's classes (None when unset).
+    Under target=label, inputs without a label move to the source's skipped records (one warning)."""
+    path = cfg.data.get("annotations")
+    if path is None:
+        return None
+    if cfg.evaluate.pointing and source.clip_len is not None:
+        raise ConfigError("evaluate.pointing scores 2-D maps against boxes; clips (data.clip_len) have none to point at")
+    annotations = load_annotations(path, [it.id for it in source.items], model.class_names, model.num_classes)
+    annotations.bind(source.items)
+    if target.mode == "label":
+        unlabelled = [it for it in source.items if annotations.label(it.id) is None]
+        if len(unlabelled) == len(source.items):
+            raise ConfigError(f"target=label: no input of this run has a label in data.annotations={path!r}")
+        if unlabelled:
+            log.warning("target=label: %d input(s) have no label in data.annotations and are skipped, e.g. %s",
+                        len(unlabelled), ", ".join(it.id for it in unlabelled[:3]))
+            source.items = [it for it in source.items if annotations.label(it.id) is not None]
+            source.skipped = sorted([*source.skipped, *(Skip(it.id, it.source, it.frame, LABEL_REASON)
+                                                        for it in unlabelled)], key=lambda s: s.id)
+    return annotations
 
 
 def check_torchscript(model: LoadedModel, techniques: Dict[str, Technique]) -> None:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from pipeline.config import ConfigError, validate
 from pipeline.contracts import Kind
 from pipeline.data import build_source, resolve_shard
+from pipeline.data.boxes import batch_boxes
 from pipeline.data.loader import Loader, SpareDecoders
 from pipeline.errors import RunError
 from pipeline.evaluation import SanityCheck, deletion_insertion, heatmaps
@@ -28,9 +29,10 @@ from pipeline.io.lock import RunDirLock
 from pipeline.io.plots import write_plots
 from pipeline.io.space import remove_stale_temporaries
 from pipeline.io.writer import AsyncWriter, BatchRecord
+from pipeline.metrics.pointing import pointing_columns
 from pipeline.models import build_model
 from pipeline.planning import (Plan, as_config, build_techniques, check_clips, check_torchscript, choose_layers,
-                               decode_side, resolve_device, run_key)
+                               decode_side, plan_annotations, resolve_device, run_key)
 from pipeline.progress import NO_PROGRESS, BatchProgress
 from pipeline.provenance import attempt, command_line, provenance
 from pipeline.runlevel import generate_all, write_field_table, write_summaries
@@ -98,8 +100,9 @@ def plan(cfg, spares: Optional[SpareDecoders] = None) -> Plan:
         raise ConfigError(str(err)) from None
     check_torchscript(model, techniques)
     layers = choose_layers(cfg, model, device, techniques, target)
+    annotations = plan_annotations(cfg, source, model, target)
     sanity = SanityCheck(model.module, cfg.evaluate.sanity_steps, cfg.seed) if cfg.evaluate.sanity else None
-    return Plan(cfg, device, model, layers, target, techniques, source, sanity)
+    return Plan(cfg, device, model, layers, target, techniques, source, sanity, annotations)
 
 
 def seed_everything(seed: int) -> None:
@@ -293,6 +296,9 @@ def _evaluate(p: Plan, x, maps, targets, ids, progress: Optional[BatchProgress] 
             slot += 1
             for metric, values in curves.items():
                 out[name, layer, metric_output(output, metric)] = values
+    if ev.pointing and hm:
+        boxes = batch_boxes(p.annotations, p.source, p.cfg.data.crop, p.model.preprocess, ids, targets.cpu().numpy())
+        out.update(pointing_columns(hm, boxes, p.model.preprocess.input_size, ev.pointing_tolerance))
     if p.sanity and hm:
         correlations = p.sanity.correlations(x, p.layers, p.target, p.techniques, hm, targets,
                                              p.cfg.max_batch, p.cfg.seed, ids,
@@ -315,8 +321,9 @@ def _compute(p: Plan, batch, progress: Optional[BatchProgress] = None) -> BatchR
     techniques = {name: t for name, t in p.techniques.items() if t.uses_data}
     needs = frozenset().union(*(t.needs for t in techniques.values()))
     ids = [item.id for item in batch.items]  # random draws are keyed by seed and id (Pass.input_generator)
+    labels = torch.as_tensor(p.annotations.label_array(ids), device=p.device) if p.target.mode == "label" else None
     shared = Pass(p.model.module, x, p.layers, p.target, max_batch=p.cfg.max_batch, needs=needs,
-                  seed=p.cfg.seed, ids=ids)
+                  seed=p.cfg.seed, ids=ids, targets=labels)
     maps = {}
     for i, (name, technique) in enumerate(techniques.items()):
         shared.progress = progress.slot(i) if progress else NO_PROGRESS

@@ -1,25 +1,30 @@
-"""Which class each map explains: `target=pred | <int> | topk:<k> | "<class name>"`."""
+"""Which class each map explains: `target=pred | label | <int> | topk:<k> | "<class name>"`.
+
+`label`: each input's annotated class (data.annotations, pipeline.data.annotations), given to
+the batch's Pass as explicit targets; `select` cannot choose it from the logits."""
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
+from pipeline.data.annotations import close_names
+
 
 @dataclass(frozen=True)
 class TargetSpec:
-    mode: str  # "pred" | "index" | "topk"
+    mode: str  # "pred" | "label" | "index" | "topk"
     value: int = 1  # class index for "index", k for "topk"
 
     @classmethod
     def parse(cls, text: str | int, class_names: Optional[Sequence[str]] = None) -> "TargetSpec":
-        """pred, a class index, topk:<k>, or a class name looked up in `class_names`
-        (case-insensitive); an unknown name raises ValueError listing the closest names."""
+        """pred, label, a class index, topk:<k>, or a class name looked up in `class_names`
+        (case-insensitive; `label` is the keyword even for a model with a class of that name);
+        an unknown name raises ValueError listing the closest names."""
         text = str(text).strip()
-        if text == "pred":
-            return cls("pred")
+        if text in ("pred", "label"):
+            return cls(text)
         if text.isdigit():
             return cls("index", int(text))
         if text[:1] in "+-" and text[1:].isdigit():  # a signed index: never a class name
@@ -38,10 +43,8 @@ class TargetSpec:
         lowered = [name.lower() for name in class_names]
         if text.lower() in lowered:
             return cls("index", lowered.index(text.lower()))
-        close = difflib.get_close_matches(text.lower(), lowered, n=5, cutoff=0.5)
-        close += [n for n in lowered if text.lower() in n and n not in close][: 5 - len(close)]
-        names = ", ".join(repr(class_names[lowered.index(c)]) for c in close)
-        raise ValueError(f"target={text!r} is not a class name of this model; closest: {names or 'none'}")
+        raise ValueError(f"target={text!r} is not a class name of this model; "
+                         f"closest: {close_names(text, class_names) or 'none'}")
 
     @property
     def k(self) -> int:
@@ -56,7 +59,10 @@ class TargetSpec:
             raise ValueError(f"target=topk:{self.value} exceeds the model's {num_classes} classes")
 
     def select(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [N, classes] -> class indices [N, K]."""
+        """logits [N, classes] -> class indices [N, K]; target=label has no rule to choose by
+        (its labels are passed as the Pass's `targets`): ValueError."""
+        if self.mode == "label":
+            raise ValueError("target=label: the inputs' labels must be given as explicit targets")
         if self.mode == "index":
             return torch.full((logits.shape[0], 1), self.value, dtype=torch.long, device=logits.device)
         return logits.detach().topk(self.k, dim=1).indices

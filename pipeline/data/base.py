@@ -3,7 +3,7 @@ crop → resize → normalise step."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Type
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 
 import cv2
 import numpy as np
@@ -53,6 +53,12 @@ class Source:
         or None; a source may then decode a large image at a reduced size that keeps its
         shorter side at least 2 x min_side (no crop box may be applied to such an image)."""
         raise NotImplementedError
+
+    def image_size(self, item: Item) -> Tuple[int, int]:
+        """(W, H) of the item's full-size image (a clip's frames), for mapping annotated boxes;
+        this default decodes it (sources override it with something cheaper)."""
+        image = self.read(item)
+        return int(image.shape[-2]), int(image.shape[-3])
 
 
 SOURCES: Dict[str, Type[Source]] = {}

@@ -91,6 +91,17 @@ class FolderSource(Source):
             self._check_budget(image.shape[1], image.shape[0])
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
+    def image_size(self, item: Item) -> Tuple[int, int]:
+        """(W, H) from the file's header, no pixel decoded (a format Pillow cannot parse: decoded).
+        A reduced JPEG decode (data.reduced_decode) does not move the boxes: the image is then
+        resized to the same shorter side, so only the decoded size differs (up to a pixel's rounding)."""
+        try:
+            with open(item.source, "rb") as fp:
+                header = image_header(fp)
+        except OSError as err:
+            raise BadItem(f"cannot read file: {err.strerror or err}") from None
+        return header[:2] if header is not None else super().image_size(item)
+
     def _check_budget(self, width: int, height: int) -> None:
         if self.max_pixels is not None and width * height > self.max_pixels:
             raise BadItem(f"image is {width}x{height} ({width * height / 1e6:.1f} megapixels), above "

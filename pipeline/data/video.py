@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -32,6 +32,7 @@ class VideoSource(Source):
             if not cap.isOpened():
                 raise ConfigError(f"data.path={path!r}: OpenCV cannot open this video")
             count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+            self.frame_size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
         finally:
             cap.release()
         if count <= 0:
@@ -106,6 +107,11 @@ class VideoSource(Source):
         if self.clip_len is None:
             return self._frame(item.frame)
         return np.stack([self._frame(item.frame + j * self.frame_stride) for j in range(self.clip_len)])
+
+    def image_size(self, item: Item) -> Tuple[int, int]:
+        """(W, H): the video's frame size as OpenCV reported it when the source was built (a
+        video reporting none: the item decoded)."""
+        return self.frame_size if min(self.frame_size) > 0 else super().image_size(item)
 
     def _frame(self, index: int) -> np.ndarray:
         entry = self._caps.get(os.getpid())
