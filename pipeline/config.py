@@ -94,6 +94,10 @@ class EvaluateConfig:
     sanity_steps: int = 4  # cumulative groups of layers re-initialized from the top
     pointing: bool = False  # pointing game + energy pointing per heatmap, against data.annotations' boxes
     pointing_tolerance: int = 15  # px (model input) around the map's maximum that count as a hit
+    road: bool = False  # ROAD MoRF / LeRF curves, AUCs, combined (Rong et al. 2022; images only)
+    road_percentages: List[int] = field(default_factory=lambda: list(range(10, 100, 10)))  # % of pixels removed
+    confidence: bool = False  # average drop + increase in confidence (Chattopadhyay et al. 2018)
+    sparseness: bool = False  # Gini index of |map| (Chalasani et al. 2020)
 
 
 @dataclass
@@ -223,6 +227,18 @@ def _check_annotations(cfg: Any) -> None:
         raise ConfigError(f"evaluate.pointing_tolerance={cfg.evaluate.pointing_tolerance} must be 0 or more (px)")
 
 
+def _check_road(cfg: Any) -> None:
+    """evaluate.road_percentages: whole percentages 1..99, sorted, no repeats; ROAD on images only."""
+    ev = cfg.evaluate
+    pct = list(ev.road_percentages)
+    if not pct or any(not 1 <= p <= 99 for p in pct) or pct != sorted(set(pct)):
+        raise ConfigError(f"evaluate.road_percentages={pct}: expected increasing percentages in 1..99, "
+                          "no repeats, e.g. [10,20,30,40,50,60,70,80,90]")
+    if ev.road and cfg.data.clip_len is not None:
+        raise ConfigError("evaluate.road=true needs image inputs; its imputation is 2-D "
+                          f"(data.clip_len={cfg.data.clip_len} makes clips)")
+
+
 def validate(cfg: Any) -> None:
     """Checks that need no model or data; raises ConfigError naming the bad key (an unknown
     model.kind or data.kind lists the registered ones)."""
@@ -269,5 +285,6 @@ def validate(cfg: Any) -> None:
     if cfg.evaluate.steps < 1 or cfg.evaluate.sanity_steps < 1:
         raise ConfigError("evaluate.steps and evaluate.sanity_steps must be at least 1")
     _check_annotations(cfg)
+    _check_road(cfg)
     if not cfg.technique:
         raise ConfigError("no technique selected: set technique=<name> or technique=[a,b]")

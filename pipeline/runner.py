@@ -30,6 +30,9 @@ from pipeline.io.plots import write_plots
 from pipeline.io.space import remove_stale_temporaries
 from pipeline.io.writer import AsyncWriter, BatchRecord
 from pipeline.metrics.pointing import pointing_columns
+from pipeline.metrics.confidence import confidence
+from pipeline.metrics.road import road
+from pipeline.metrics.sparseness import gini
 from pipeline.models import build_model
 from pipeline.planning import (Plan, as_config, build_techniques, check_clips, check_torchscript, choose_layers,
                                decode_side, plan_annotations, resolve_device, run_key)
@@ -227,7 +230,7 @@ def _inputs(p: Plan, out_dir: Path, maps_file: MapsFile, record: AttemptRecord, 
     record.finished(done=count.done, skipped=count.skipped, seconds=round(seconds, 3),
                     images_per_s=float(f"{summary.images_per_s:.4g}") if count.done else None,  # never 0.0
                     summary_seconds=round(summary.summary_seconds, 3))
-    if cfg.evaluate.deletion or cfg.evaluate.insertion or cfg.evaluate.sanity:
+    if cfg.evaluate.deletion or cfg.evaluate.insertion or cfg.evaluate.sanity or cfg.evaluate.road:
         for path in write_plots(out_dir, maps_file.reader()):
             log.info("wrote %s", path)
     return summary
@@ -285,7 +288,8 @@ def _skip(writer: AsyncWriter, records: list, count: Count) -> None:
 
 
 def _evaluate(p: Plan, x, maps, targets, ids, progress: Optional[BatchProgress] = None, slot: int = 0) -> dict:
-    """Extra columns from `evaluate.*`: deletion / insertion curves and sanity correlations."""
+    """Extra columns from `evaluate.*`: deletion / insertion curves, ROAD, confidence, sparseness
+    and sanity correlations."""
     ev, out = p.cfg.evaluate, {}
     hm = heatmaps(p.techniques, maps)
     kinds = [k for k, on in (("deletion", ev.deletion), ("insertion", ev.insertion)) if on]
@@ -299,6 +303,20 @@ def _evaluate(p: Plan, x, maps, targets, ids, progress: Optional[BatchProgress] 
     if ev.pointing and hm:
         boxes = batch_boxes(p.annotations, p.source, p.cfg.data.crop, p.model.preprocess, ids, targets.cpu().numpy())
         out.update(pointing_columns(hm, boxes, p.model.preprocess.input_size, ev.pointing_tolerance))
+    for (name, layer, output), m in hm.items():
+        extra = {}
+        if ev.road:
+            extra.update(road(p.model.module, x, m, targets, list(ev.road_percentages), p.cfg.max_batch,
+                              p.cfg.seed, ids, progress.slot(slot) if progress else NO_PROGRESS))
+            slot += 1
+        if ev.confidence:
+            extra.update(confidence(p.model.module, x, m, targets, p.cfg.max_batch,
+                                    progress=progress.slot(slot) if progress else NO_PROGRESS))
+            slot += 1
+        if ev.sparseness:
+            extra["gini"] = gini(m, x.shape[2:])
+        for metric, values in extra.items():
+            out[name, layer, metric_output(output, metric)] = values
     if p.sanity and hm:
         correlations = p.sanity.correlations(x, p.layers, p.target, p.techniques, hm, targets,
                                              p.cfg.max_batch, p.cfg.seed, ids,
@@ -313,7 +331,8 @@ def _slots(p: Plan, techniques: Dict[str, Technique]) -> int:
     ev = p.cfg.evaluate
     heatmaps_made = sum(len(t.outputs_of(Kind.HEATMAP)) * (len(p.layers) if t.uses_layers else 1)
                         for t in techniques.values())
-    return len(techniques) + (heatmaps_made if ev.deletion or ev.insertion else 0) + bool(p.sanity)
+    per_map = bool(ev.deletion or ev.insertion) + bool(ev.road) + bool(ev.confidence)
+    return len(techniques) + heatmaps_made * per_map + bool(p.sanity)
 
 
 def _compute(p: Plan, batch, progress: Optional[BatchProgress] = None) -> BatchRecord:

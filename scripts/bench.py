@@ -1,6 +1,6 @@
 """Throughput of each technique end to end, as a ratio to a bare no-grad forward pass.
 
-    python scripts/bench.py [--n 64] [--batch-size 16] [--device auto] [--repeat 2] [--only foundation|techniques|comparisons|featvis|rf|sweep|dataset]
+    python scripts/bench.py [--n 64] [--batch-size 16] [--device auto] [--repeat 2] [--only foundation|techniques|comparisons|featvis|rf|sweep|dataset|metrics]
 
 All runs happen in this one process on the same inputs: the bundled sample photos copied to
 --n files. The bare forward pass times only `model(x)` under no_grad on batches already decoded
@@ -18,6 +18,9 @@ time and how long after the command each job started computing.
 
 Section "dataset" (issue 13, scripts/bench_dataset.py): dataset_examples and channel_relevance end
 to end on --n inputs, and their peak resident memory at 256 and 2048 inputs.
+
+Section "metrics" (issue 14, scripts/bench_metrics.py): ROAD, confidence and sparseness on one batch
+of Grad-CAM maps, against Quantus where it imports.
 
 Section "featvis" (issue 4): filter_vis for all channels of blocks.4, batched against one channel
 at a time.
@@ -49,6 +52,7 @@ from pipeline.techniques import REGISTRY
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dataset import dataset_section  # noqa: E402 - scripts/ beside this file
+from bench_metrics import metrics_section  # noqa: E402
 
 THREE = "layers=[blocks.5,blocks.6,bn2]"
 CASES = [  # (label, overrides)
@@ -302,7 +306,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--n-small", type=int, default=16, help="inputs per technique in the techniques table")
     parser.add_argument("--names", default=None, help="techniques table: only these (comma-separated)")
-    parser.add_argument("--only", choices=["foundation", "techniques", "comparisons", "featvis", "rf", "sweep", "dataset"],
+    parser.add_argument("--only", choices=["foundation", "techniques", "comparisons", "featvis", "rf", "sweep", "dataset",
+                                           "metrics"],
                         default=None)
     args = parser.parse_args(argv)
 
@@ -333,6 +338,9 @@ def main(argv=None) -> None:
                 return
             if args.only in ("techniques", "comparisons"):
                 techniques_section(common, forward, tmp, args)
+                return
+            if args.only == "metrics":
+                metrics_section(base, device, args.batch_size)
                 return
             if args.only == "dataset":
                 dataset_section(common, forward, tmp, args, make_inputs)

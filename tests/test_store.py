@@ -197,6 +197,13 @@ def test_a_run_key_from_before_store_options_resumes_as_float32():
     old = {"model": {"kind": "x"}}
     assert key_differences(old, {**old, "store": {"dtype": "float32"}}) == []
     assert key_differences(old, {**old, "store": {"dtype": "float16"}}) == ['store: (not set) -> {"dtype": "float16"}']
+    # issue 14's evaluate keys: their defaults (metrics off) resume a run made before them
+    legacy = {"evaluate": {"deletion": False}}
+    new = {"evaluate": {"deletion": False, "pointing": False, "pointing_tolerance": 15, "road": False,
+                        "road_percentages": list(range(10, 100, 10)), "confidence": False, "sparseness": False}}
+    assert key_differences(legacy, new) == []
+    assert key_differences(legacy, {"evaluate": {**new["evaluate"], "road_percentages": [50]}}) == \
+        ["evaluate.road_percentages: (not set) -> [50]"]
 
 
 # -- summaries: combine / finalize ----------------------------------------------------------------

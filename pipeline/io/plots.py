@@ -47,9 +47,10 @@ def line_plot(series: Dict[str, np.ndarray], title: str, xlabel: str, ylabel: st
 
 
 def write_plots(out_dir: Path, run) -> List[Path]:
-    """Mean deletion / insertion curves and sanity-check correlations over all rows of a run
+    """Mean deletion / insertion / ROAD curves and sanity-check correlations over all rows of a run
     (a pipeline.store.RunReader)."""
-    found: Dict[str, Dict[str, np.ndarray]] = {"deletion": {}, "insertion": {}, "sanity": {}}
+    found: Dict[str, Dict[str, np.ndarray]] = {"deletion": {}, "insertion": {}, "sanity": {}, "road_morf": {},
+                                               "road_lerf": {}}
     for (technique, layer, output, metric), col in run.metrics().items():
         if metric in found and len(col):
             values = col[:]
@@ -63,6 +64,14 @@ def write_plots(out_dir: Path, run) -> List[Path]:
             write_png(path, line_plot(found[metric], f"{metric} curve (mean over inputs)",
                                       "fraction of pixels " + ("removed" if metric == "deletion" else "inserted"),
                                       "target probability"))
+            written.append(path)
+    for metric in ("road_morf", "road_lerf"):
+        if found[metric]:
+            path = out_dir / "plots" / f"{metric}.png"
+            ticks = [f"p{i + 1}" for i in range(max(len(v) for v in found[metric].values()))]
+            write_png(path, line_plot(found[metric], f"ROAD {metric[5:].upper()} curve (mean over inputs)",
+                                      "i-th of evaluate.road_percentages removed", "target probability",
+                                      xticks=ticks))
             written.append(path)
     if found["sanity"]:
         series = {k: np.concatenate([[1.0], v]) for k, v in found["sanity"].items()}

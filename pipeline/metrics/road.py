@@ -1,0 +1,211 @@
+"""ROAD: RemOve And Debias (Rong et al. 2022, https://arxiv.org/abs/2202.00449).
+
+For each percentage p, the p% most relevant pixels (MoRF) or the p% least relevant (LeRF) by the
+map (upsampled to the input, ranked per input and target; ties in pixel order) are removed and
+filled in by *noisy linear imputation*: each removed pixel is the weighted mean of its 8
+neighbours inside the image (1/6 for the 4 direct, 1/12 for the diagonal ones, renormalised at
+the border), all removed pixels of an image solved jointly, per channel, then Gaussian noise of
+std `NOISE` is added to them. The curve is the target's softmax probability at each p; its AUC is
+the mean over the percentages; `road_combined` = lerf_auc - morf_auc (higher is better;
+pytorch-grad-cam's ROADCombined reports half of it). Unlike pytorch-grad-cam, whose
+`percentile=p` keeps p% and removes the rest, p here is the share removed, as in the paper.
+
+Imputation happens in the model's normalised input space (the tensor the model is fed, as in
+pytorch-grad-cam) and the noise std 0.01 is absolute in that space. The linear system of an image
+is symmetric positive definite (restricted to its removed pixels); it is solved by conjugate
+gradients preconditioned with a multigrid V-cycle, vectorised over rows x channels, to a relative
+residual of `TOL`, which agrees with an exact sparse solve to ~1e-4 (float32). The noise of a
+row is drawn from a generator keyed by the run's seed, the input's id, the order, the target class
+and p (pipeline.seeds), so it does not depend on the batch or on resume boundaries. Only image inputs [N, C, H, W] are supported.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.maps import resize_maps
+from pipeline.progress import NO_PROGRESS, Progress
+from pipeline.seeds import keyed_generator
+from pipeline.techniques.base import rows_logits
+
+NOISE = 0.01  # std of the noise added to imputed pixels, in the model's input space
+TOL = 1e-5  # PCG stops when every residual norm is below TOL times its right-hand side's
+MAX_ITER = 500
+COARSEST = 8  # the multigrid stops halving below this side
+SWEEPS = 2  # Jacobi sweeps before and after each coarse correction
+COARSE_SWEEPS = 32  # on the coarsest grid
+ORDERS = ("morf", "lerf")
+
+
+def _neighbours(u: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of each pixel's in-image neighbours (zero outside): [B, H, W] -> [B, H, W]."""
+    H, W = u.shape[1:]
+    p = F.pad(u, (1, 1, 1, 1))
+    direct = p[:, 0:H, 1:W + 1] + p[:, 2:H + 2, 1:W + 1] + p[:, 1:H + 1, 0:W] + p[:, 1:H + 1, 2:W + 2]
+    diagonal = p[:, 0:H, 0:W] + p[:, 0:H, 2:W + 2] + p[:, 2:H + 2, 0:W] + p[:, 2:H + 2, 2:W + 2]
+    return direct * (1.0 / 6) + diagonal * (1.0 / 12)
+
+
+def _operator(e: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The system on the removed pixels m: s*e - W(m*e) there, 0 elsewhere; [B, H, W] -> same."""
+    return m * (s * e - _neighbours(m * e))
+
+
+def _restrict(r: torch.Tensor) -> torch.Tensor:
+    """Full weighting to half resolution (the transpose of `_prolong`): [B, H, W] -> [B, ceil(H/2), ceil(W/2)]."""
+    H, W = r.shape[1:]
+    r = F.pad(r, (0, W % 2, 0, H % 2))[:, None]
+    return F.conv2d(r, _BILINEAR.to(r), stride=2, padding=1)[:, 0]
+
+
+def _prolong(e: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear interpolation to twice the resolution, cropped to `size`: [B, h, w] -> [B, *size]."""
+    up = F.conv_transpose2d(e[:, None], _BILINEAR.to(e), stride=2, padding=1)[:, 0]
+    return up[:, :size[0], :size[1]]
+
+
+_LINE = torch.tensor([1.0, 3.0, 3.0, 1.0]) / 4
+_BILINEAR = (_LINE[:, None] * _LINE[None, :]).view(1, 1, 4, 4)
+
+
+def _levels(m: torch.Tensor):
+    """[(removed mask, neighbour weight sums)] from the full resolution down to a side < 2 * COARSEST."""
+    levels = []
+    while True:
+        levels.append((m, _neighbours(torch.ones_like(m[:1]))))
+        if min(m.shape[1:]) < 2 * COARSEST:
+            return levels
+        H, W = m.shape[1:]
+        known = F.max_pool2d(F.pad(1 - m, (0, W % 2, 0, H % 2))[:, None], 2)[:, 0]
+        m = 1 - known  # a coarse pixel is removed when its 2 x 2 fine pixels all are
+
+
+def _jacobi(e: torch.Tensor, r: torch.Tensor, m: torch.Tensor, s: torch.Tensor, sweeps: int) -> torch.Tensor:
+    for _ in range(sweeps):
+        e = e + m * (r - _operator(e, m, s)) / s
+    return e
+
+
+def _vcycle(r: torch.Tensor, levels, depth: int = 0) -> torch.Tensor:
+    """One symmetric multigrid V-cycle for A e = r (Jacobi smoothing, bilinear transfers, the same
+    stencil re-discretized on each coarser grid): a symmetric positive definite preconditioner."""
+    m, s = levels[depth]
+    if depth == len(levels) - 1:
+        return _jacobi(torch.zeros_like(r), r, m, s, COARSE_SWEEPS)
+    e = _jacobi(torch.zeros_like(r), r, m, s, SWEEPS)
+    mc = levels[depth + 1][0]
+    coarse = _vcycle(mc * _restrict(m * (r - _operator(e, m, s))), levels, depth + 1)
+    e = e + m * _prolong(mc * coarse, r.shape[1:])
+    return _jacobi(e, r, m, s, SWEEPS)
+
+
+def _solve(v: torch.Tensor, m: torch.Tensor, tol: float, max_iter: int) -> torch.Tensor:
+    """The imputed values z [B, H, W] (0 off the removed pixels) of planes v [B, H, W] with removed
+    pixels m [B, H, W] (float 0/1): multigrid-preconditioned conjugate gradients, every plane at
+    once, until each residual is below tol times its right-hand side."""
+    levels = _levels(m)
+    s = levels[0][1]
+    dims = (1, 2)
+    b = m * _neighbours((1 - m) * v)
+    z = torch.zeros_like(v)
+    r = b.clone()
+    y = _vcycle(r, levels)
+    p = y.clone()
+    ry = (r * y).sum(dims)
+    limit = (tol * tol) * (b * b).sum(dims)
+    for _ in range(max_iter):
+        if bool(((r * r).sum(dims) <= limit).all()):
+            break
+        ap = _operator(p, m, s)
+        pap = (p * ap).sum(dims)
+        alpha = torch.where(pap > 0, ry / pap.clamp_min(1e-30), torch.zeros_like(ry))[:, None, None]
+        z = z + alpha * p
+        r = r - alpha * ap
+        y = _vcycle(r, levels)
+        ry_new = (r * y).sum(dims)
+        beta = torch.where(ry > 0, ry_new / ry.clamp_min(1e-30), torch.zeros_like(ry))[:, None, None]
+        p = y + beta * p
+        ry = ry_new
+    return z
+
+
+def impute(x: torch.Tensor, removed: torch.Tensor, noise: Optional[torch.Tensor] = None,
+           tol: float = TOL, max_iter: int = MAX_ITER) -> torch.Tensor:
+    """Linear imputation: x [R, C, H, W], removed [R, H, W] (bool) -> [R, C, H, W] with each removed
+    pixel the weighted mean of its neighbours (all removed pixels of a plane solved jointly), plus
+    `noise` [R, C, H, W] there when given. An image with every pixel removed has no solution."""
+    R, C, H, W = x.shape
+    planes = x.reshape(R * C, H, W).float()
+    m = removed[:, None].expand(R, C, H, W).reshape(R * C, H, W).to(planes.dtype)
+    z = _solve(planes, m, tol, max_iter)
+    if noise is not None:
+        z = z + m * noise.reshape(R * C, H, W).to(planes.dtype)
+    return (planes * (1 - m) + m * z).reshape(R, C, H, W).to(x.dtype)
+
+
+def ranks(maps: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+    """maps [N, K, h, w] -> rank of each input pixel [N, K, H*W], 0 the most relevant (ties: first
+    pixel first)."""
+    flat = resize_maps(maps.float(), spatial).reshape(*maps.shape[:2], -1)
+    order = flat.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(flat.shape[-1], device=flat.device).expand_as(order))
+    return rank
+
+
+def removal_masks(rank: torch.Tensor, percentages: Sequence[int], order: str) -> torch.Tensor:
+    """rank [M, P] -> removed [M, len(percentages), P]: the round(p% of P) pixels of highest rank
+    (morf: most relevant) or lowest (lerf)."""
+    total = rank.shape[-1]
+    counts = torch.tensor([round(p * total / 100) for p in percentages], device=rank.device)
+    if order == "morf":
+        return rank[:, None] < counts[None, :, None]
+    return rank[:, None] >= (total - counts)[None, :, None]
+
+
+def road(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
+         percentages: Sequence[int], max_batch: int, seed: int = 0, ids: Optional[Sequence[str]] = None,
+         progress: Progress = NO_PROGRESS) -> Dict[str, torch.Tensor]:
+    """x [N, C, H, W], maps [N, K, h, w], targets [N, K] -> {road_morf, road_lerf: [N, K, P],
+    road_morf_auc, road_lerf_auc, road_combined: [N, K]}. Imputed copies are built and fed to the
+    model max_batch rows at a time; `progress` counts them."""
+    if x.dim() != 4:
+        raise ValueError(f"ROAD needs image inputs [N, C, H, W], got {tuple(x.shape)}")
+    N, K = targets.shape
+    C, H, W = x.shape[1:]
+    ids = list(ids) if ids is not None else [f"#{n}" for n in range(N)]
+    P = len(percentages)
+    rank = ranks(maps, (H, W))  # [N, K, H*W]
+    rows = N * K * P
+    n_of = torch.arange(N, device=x.device).repeat_interleave(K * P)
+    k_of = torch.arange(K, device=x.device).repeat_interleave(P).repeat(N)
+    p_of = torch.arange(P, device=x.device).repeat(N * K)
+    out: Dict[str, torch.Tensor] = {}
+    progress.add(rows * len(ORDERS))
+    for order in ORDERS:
+        def build(r, order=order):  # rows r -> imputed inputs [m, C, H, W]
+            removed = removal_masks(rank[n_of[r], k_of[r]], percentages, order)
+            removed = removed[torch.arange(len(r), device=x.device), p_of[r]].reshape(-1, H, W)
+            noise = torch.stack([row_noise(seed, ids[n], order, int(targets[n, k]), percentages[p], (C, H, W),
+                                           x.device) for n, k, p in zip(n_of[r].tolist(), k_of[r].tolist(),
+                                                                         p_of[r].tolist())])
+            return impute(x[n_of[r]], removed, noise)
+
+        curve = torch.empty(rows, device=x.device)
+        for r, logits in rows_logits(model, rows, build, max_batch, x.device):
+            curve[r] = logits.float().softmax(1).gather(1, targets[n_of[r], k_of[r]][:, None])[:, 0]
+            progress.step(len(r))
+        curve = curve.reshape(N, K, P)
+        out[f"road_{order}"] = curve
+        out[f"road_{order}_auc"] = curve.mean(-1)
+    out["road_combined"] = out["road_lerf_auc"] - out["road_morf_auc"]
+    return out
+
+
+def row_noise(seed: int, input_id: str, order: str, target: int, percentage: int, shape, device) -> torch.Tensor:
+    """The noise of one imputed copy [C, H, W], std NOISE, keyed by what the copy is (pipeline.seeds)."""
+    generator = keyed_generator(seed, input_id, "road", order, target, percentage, device=device)
+    return NOISE * torch.randn(shape, generator=generator, device=device)

@@ -1,0 +1,79 @@
+"""Section "metrics" (issue 14): our batched ROAD, confidence and sparseness on one batch of Grad-CAM
+maps (bn2) of the embedded model, against Quantus's ROAD and Sparseness on the same maps when
+quantus imports (it is not a dependency). Prints seconds per batch and model forwards used."""
+from __future__ import annotations
+
+import time
+
+import cv2
+import numpy as np
+import torch
+
+from pipeline.data import SAMPLES_DIR, prepare
+from pipeline.metrics.confidence import confidence
+from pipeline.metrics.road import road
+from pipeline.metrics.sparseness import gini
+from pipeline.models import build_model
+from pipeline.targets import TargetSpec
+from pipeline.techniques import get_technique
+
+PERCENTAGES = list(range(10, 100, 10))
+
+
+class Counting(torch.nn.Module):
+    """The model, counting the rows it is fed."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.rows = model, 0
+
+    def forward(self, x):
+        self.rows += x.shape[0]
+        return self.model(x)
+
+
+def batch_and_maps(base, device, n: int):
+    loaded = build_model(base.model, device)
+    samples = sorted(SAMPLES_DIR.glob("*.jpg"))
+    xs = [prepare(cv2.cvtColor(cv2.imread(str(samples[i % len(samples)])), cv2.COLOR_BGR2RGB), None,
+                  loaded.preprocess)[0] for i in range(n)]
+    x = torch.stack(xs).to(device)
+    result = get_technique("gradcam")().attribute(loaded.module, x, ["bn2"], TargetSpec.parse("pred"))
+    return loaded.module, x, result.maps["bn2", "cam"].detach(), result.targets
+
+
+def timed(label: str, model: Counting, fn, n: int) -> None:
+    model.rows = 0
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    print(f"{label:<46} {seconds:>9.2f} {model.rows:>9d} {seconds / n * 16:>12.2f}", flush=True)
+
+
+def metrics_section(base, device, n: int = 16, max_batch: int = 64) -> None:
+    model, x, maps, targets = batch_and_maps(base, device, n)
+    counted = Counting(model).eval()
+    print(f"\n# metrics on {n} Grad-CAM maps (bn2) at {tuple(x.shape[2:])}, max_batch {max_batch}")
+    print(f"{'metric':<46} {'seconds':>9} {'forwards':>9} {'s / 16 inputs':>12}")
+    timed(f"ours: ROAD MoRF+LeRF, {len(PERCENTAGES)} percentages", counted,
+          lambda: road(counted, x, maps, targets, PERCENTAGES, max_batch), n)
+    timed("ours: average drop + increase", counted, lambda: confidence(counted, x, maps, targets, max_batch), n)
+    timed("ours: sparseness (Gini)", counted, lambda: gini(maps, x.shape[2:]), n)
+    try:
+        import quantus
+    except Exception as err:  # not a dependency
+        print(f"quantus: not importable here ({type(err).__name__}: {err}); its rows are left out")
+        return
+    xb = x.cpu().numpy()
+    yb = targets[:, 0].cpu().numpy()
+    ab = torch.nn.functional.interpolate(maps.float(), size=x.shape[2:], mode="bilinear",
+                                         align_corners=False)[:, 0].cpu().numpy()[:, None]
+    road_q = quantus.ROAD(noise=0.01, percentages=PERCENTAGES, display_progressbar=False)
+    timed(f"quantus: ROAD (MoRF), {len(PERCENTAGES)} percentages", counted,
+          lambda: road_q(model=counted, x_batch=xb, y_batch=yb, a_batch=ab, device=str(device)), n)
+    sparse_q = quantus.Sparseness(display_progressbar=False)
+    timed("quantus: Sparseness", counted,
+          lambda: sparse_q(model=counted, x_batch=xb, y_batch=yb, a_batch=ab, device=str(device)), n)
+    ours = gini(maps, x.shape[2:]).cpu().numpy()[:, 0]
+    theirs = np.asarray(sparse_q(model=counted, x_batch=xb, y_batch=yb, a_batch=ab, device=str(device)))
+    print(f"Gini, ours vs Quantus: max difference {np.abs(ours - theirs).max():.2e}")
