@@ -185,3 +185,18 @@ def test_run_writes_the_metric_columns_and_a_resumed_run_equals_a_clean_one(make
         for col in ("gradcam/relu2/cam.road_lerf", "saliency/input/maxabs.road_morf"):
             np.testing.assert_allclose(b[col][:n][rows], a[col][:n], atol=1e-5)
     assert (clean / "plots" / "road_morf.png").is_file()
+
+
+def test_confidence_in_a_run_reuses_the_batch_forward_for_y(make_cfg, image_folder, tiny_checkpoint, tmp_path,
+                                                            monkeypatch):
+    """Y (the target's probability on the input) is the run's own forward: no second forward of x."""
+    def second_forward(*args, **kwargs):
+        raise AssertionError("confidence recomputed Y with another forward of the batch")
+
+    monkeypatch.setattr("pipeline.metrics.confidence.target_probs", second_forward)
+    out = tmp_path / "run"
+    run(make_cfg(*tiny_overrides(tiny_checkpoint, image_folder, "technique=gradcam", "layers=[relu2]",
+                                 "evaluate.confidence=true", "render.png=false")), out)
+    with h5py.File(out / "maps.h5", "r") as f:
+        drop, y = f["gradcam/relu2/cam.avg_drop"][:], f["score"][:]
+    assert drop.shape == y.shape == (7, 1) and ((drop >= 0) & (drop <= 100)).all()
