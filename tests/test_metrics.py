@@ -155,6 +155,16 @@ def test_gini_against_a_hand_computation_and_known_values():
     assert gini(a.view(1, 1, 2, 3)).item() == pytest.approx(want, abs=1e-6)
 
 
+def test_gini_equals_quantus_sparseness_where_it_is_installed():
+    """Quantus (not a dependency: skipped without it) on the same maps; it adds 1e-7 to every value."""
+    quantus = pytest.importorskip("quantus")
+    maps = torch.rand(3, 1, 6, 6, generator=torch.Generator().manual_seed(0)) ** 3
+    x = np.zeros((3, 1, 6, 6), np.float32)
+    theirs = quantus.Sparseness(display_progressbar=False, disable_warnings=True)(
+        model=None, x_batch=x, y_batch=np.zeros(3, int), a_batch=maps.numpy(), device="cpu")
+    np.testing.assert_allclose(gini(maps).numpy()[:, 0], np.asarray(theirs), atol=1e-5)
+
+
 def test_road_percentages_are_checked_before_any_work(make_cfg, image_folder, tiny_checkpoint):
     for bad in ("[0,50]", "[50,10]", "[10,10]", "[100]"):
         cfg = make_cfg(*tiny_overrides(tiny_checkpoint, image_folder, "technique=gradcam",
