@@ -108,6 +108,16 @@ def prepare(image: np.ndarray, crop: Optional[Sequence[int]], pre: Preprocess):
     return torch.from_numpy(x), display
 
 
+def resize_geometry(w: int, h: int, pre: Preprocess) -> Tuple[int, int, int, int]:
+    """For a w x h image (after any crop box): (width, height) once its shorter side is resized to
+    `pre.resize` (never below `pre.input_size`), and the (left, top) of the centre
+    `pre.input_size` square kept from it. prepare_array and the annotated boxes (pipeline.data.boxes)
+    share it."""
+    scale = pre.resize / min(h, w)
+    rw, rh = max(pre.input_size, round(w * scale)), max(pre.input_size, round(h * scale))
+    return rw, rh, (rw - pre.input_size) // 2, (rh - pre.input_size) // 2
+
+
 def prepare_array(image: np.ndarray, crop: Optional[Sequence[int]], pre: Preprocess):
     """RGB uint8 [H, W, 3] -> (model input float32 [3, S, S], display image uint8 [S, S, 3]);
     a clip [T, H, W, 3] -> ([3, T, S, S], [T, S, S, 3]), every frame prepared alike.
@@ -126,14 +136,12 @@ def prepare_array(image: np.ndarray, crop: Optional[Sequence[int]], pre: Preproc
             raise BadItem(f"crop {[x, y, w, h]} does not fit inside the {W}x{H} image")
         image = image[y : y + h, x : x + w]
     h, w = image.shape[:2]
+    rw, rh, left, top = resize_geometry(w, h, pre)
     scale = pre.resize / min(h, w)
-    size = (max(pre.input_size, round(w * scale)), max(pre.input_size, round(h * scale)))
     inter = cv2.INTER_AREA if scale < 1 else _INTER.get(pre.interpolation, cv2.INTER_CUBIC)
     if inter == cv2.INTER_AREA and scale >= 1:
         inter = cv2.INTER_CUBIC
-    image = cv2.resize(image, size, interpolation=inter)
-    h, w = image.shape[:2]
-    top, left = (h - pre.input_size) // 2, (w - pre.input_size) // 2
+    image = cv2.resize(image, (rw, rh), interpolation=inter)
     display = np.ascontiguousarray(image[top : top + pre.input_size, left : left + pre.input_size])
     x = display.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
     mean = np.asarray(pre.mean, dtype=np.float32).reshape(3, 1, 1)

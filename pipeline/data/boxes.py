@@ -7,18 +7,16 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from pipeline.data.annotations import Annotations
-from pipeline.data.base import Source
+from pipeline.data.base import Source, resize_geometry
 
 
 def input_geometry(image_wh: Tuple[int, int], crop: Optional[Sequence[int]], pre) -> Tuple[float, float, float, float]:
     """(offset x, offset y, scale x, scale y): model-input x = (source x - offset x) * scale x, as
-    prepare_array computes it (the crop box, the rounded resize, the centre crop)."""
+    prepare_array computes it (the crop box, then base.resize_geometry: the rounded resize, the centre crop)."""
     W, H = image_wh
     cx, cy = (0, 0) if crop is None else (int(crop[0]), int(crop[1]))
     w, h = (W, H) if crop is None else (int(crop[2]), int(crop[3]))
-    scale = pre.resize / min(h, w)
-    rw, rh = max(pre.input_size, round(w * scale)), max(pre.input_size, round(h * scale))
-    left, top = (rw - pre.input_size) // 2, (rh - pre.input_size) // 2
+    rw, rh, left, top = resize_geometry(w, h, pre)
     sx, sy = rw / w, rh / h
     return cx + left / sx, cy + top / sy, sx, sy
 
