@@ -18,6 +18,15 @@ def resize_maps(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return out.reshape(n, k, *size)
 
 
+def unit_maps(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """[N, K, *S] -> [N, K, *size]: each map upsampled (resize_maps) and min-max scaled to [0, 1];
+    a constant map becomes 0. The mask Score-CAM and the confidence metrics multiply inputs by."""
+    up = resize_maps(maps.float(), size)
+    flat = up.reshape(*up.shape[:2], -1)
+    lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
+    return ((flat - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))).reshape(up.shape)
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur over the last two axes (H, W), edges replicated: [..., H, W] -> same."""
     import math

@@ -15,18 +15,9 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from pipeline.maps import resize_maps
+from pipeline.maps import unit_maps
 from pipeline.progress import NO_PROGRESS, Progress
 from pipeline.techniques.base import rows_logits
-
-
-def unit_maps(maps: torch.Tensor, spatial) -> torch.Tensor:
-    """maps [N, K, *s] -> [N, K, *spatial] upsampled, min-max normalised to [0, 1] per map."""
-    up = resize_maps(maps.float(), spatial)
-    flat = up.reshape(*up.shape[:2], -1)
-    lo, hi = flat.min(-1, keepdim=True).values, flat.max(-1, keepdim=True).values
-    unit = torch.where(hi > lo, (flat - lo) / (hi - lo).clamp_min(1e-30), torch.zeros_like(flat))
-    return unit.reshape(up.shape)
 
 
 def confidence(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,

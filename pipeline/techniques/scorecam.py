@@ -8,7 +8,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from pipeline.contracts import Paper
-from pipeline.maps import resize_maps
+from pipeline.maps import unit_maps
 from pipeline.techniques.base import ACTS, Pass, register
 from pipeline.techniques.gradcam import CAM
 
@@ -70,10 +70,7 @@ class ScoreCAM(ForwardCAM):
         x = p.x
 
         def masked(n, c):  # [m] -> x[n] * normalised upsampled acts[n, c]  [m, C_in, *S_in]
-            m = resize_maps(acts[n, c].unsqueeze(1), x.shape[2:])  # [m, 1, *S_in]
-            lo = m.flatten(1).amin(1).view(-1, *[1] * (m.dim() - 1))
-            hi = m.flatten(1).amax(1).view_as(lo)
-            return x[n] * ((m - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))).to(x.dtype)
+            return x[n] * unit_maps(acts[n, c].unsqueeze(1), x.shape[2:]).to(x.dtype)  # [m, 1, *S_in]
 
         scores, kept = channel_scores(p, acts, self.options.top_channels, masked)
         return weighted_sum(acts, scores.softmax(-1), kept)
