@@ -117,6 +117,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     num_workers: int = 2
+    keep_freed_memory: bool = True  # glibc keeps freed memory for the next batch (pipeline/allocator.py)
     render: RenderConfig = field(default_factory=RenderConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     store: StoreConfig = field(default_factory=StoreConfig)

@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from pipeline.allocator import keep_freed_memory
 from pipeline.config import ConfigError, validate
 from pipeline.contracts import Kind
 from pipeline.data import build_source, resolve_shard
@@ -124,6 +125,8 @@ def run(cfg, out_dir: str | Path, command: Optional[str] = None,
     and maps.h5 untouched. `command` (recorded in maps.h5) defaults to this process's command line.
     """
     out_dir = Path(out_dir)
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
     with RunDirLock(out_dir, command or command_line()), sigterm_as_interrupt(), SpareDecoders() as spares:
         p = plan(cfg, spares)
         return _run(p, out_dir, command, on_start, spares)

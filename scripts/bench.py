@@ -1,6 +1,6 @@
 """Throughput of each technique end to end, as a ratio to a bare no-grad forward pass.
 
-    python scripts/bench.py [--n 64] [--batch-size 16] [--device auto] [--repeat 2] [--only foundation|techniques|comparisons|featvis|rf|sweep|dataset|metrics]
+    python scripts/bench.py [--n 64] [--batch-size 16] [--device auto] [--repeat 2] [--only foundation|techniques|comparisons|featvis|rf|sweep|dataset|metrics|allocator]
 
 All runs happen in this one process on the same inputs: the bundled sample photos copied to
 --n files. The bare forward pass times only `model(x)` under no_grad on batches already decoded
@@ -15,6 +15,9 @@ one no-grad forward pass of the model on a batch of as many images.
 Section "sweep" (issue 6): `python -m pipeline -m` over 3 layers x 2 techniques on the sample photos
 with the basic launcher and with hydra/launcher=submitit_local; wall time, the jobs' own compute
 time and how long after the command each job started computing.
+
+Section "allocator": the bare forward and a Grad-CAM run with glibc's allocator defaults against
+keep_freed_memory=true (scripts/bench_allocator.py), each in a fresh process.
 
 Section "dataset" (issue 13, scripts/bench_dataset.py): dataset_examples and channel_relevance end
 to end on --n inputs, and their peak resident memory at 256 and 2048 inputs.
@@ -44,6 +47,7 @@ import cv2
 import torch
 from hydra import compose, initialize_config_dir
 
+from pipeline.allocator import keep_freed_memory
 from pipeline.config import CONF_DIR, register_configs
 from pipeline.data import SAMPLES_DIR, prepare
 from pipeline.models import build_model
@@ -51,7 +55,8 @@ from pipeline.runner import plan, resolve_device, run
 from pipeline.techniques import REGISTRY
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dataset import dataset_section  # noqa: E402 - scripts/ beside this file
+from bench_allocator import allocator_section  # noqa: E402 - scripts/ beside this file
+from bench_dataset import dataset_section  # noqa: E402
 from bench_metrics import metrics_section  # noqa: E402
 
 THREE = "layers=[blocks.5,blocks.6,bn2]"
@@ -76,6 +81,10 @@ def make_inputs(folder: Path, n: int) -> list:
 
 
 def bare_forward(cfg, paths, batch_size: int, device: torch.device, repeat: int) -> float:
+    """images/s of `model(x)` alone on decoded batches, under the allocator setting the runs use
+    (cfg.keep_freed_memory, as `run()` sets it), so that every ratio compares like with like."""
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
     loaded = build_model(cfg.model, device)
     xs = [prepare(cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB), None, loaded.preprocess)[0] for p in paths]
     batches = [torch.stack(xs[i : i + batch_size]).to(device) for i in range(0, len(xs), batch_size)]
@@ -307,7 +316,7 @@ def main(argv=None) -> None:
     parser.add_argument("--n-small", type=int, default=16, help="inputs per technique in the techniques table")
     parser.add_argument("--names", default=None, help="techniques table: only these (comma-separated)")
     parser.add_argument("--only", choices=["foundation", "techniques", "comparisons", "featvis", "rf", "sweep", "dataset",
-                                           "metrics"],
+                                           "metrics", "allocator"],
                         default=None)
     args = parser.parse_args(argv)
 
@@ -338,6 +347,9 @@ def main(argv=None) -> None:
                 return
             if args.only in ("techniques", "comparisons"):
                 techniques_section(common, forward, tmp, args)
+                return
+            if args.only == "allocator":
+                allocator_section(common, paths, tmp, args)
                 return
             if args.only == "metrics":
                 metrics_section(base, device, args.batch_size)

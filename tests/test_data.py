@@ -66,6 +66,34 @@ def test_loader_decodes_in_worker_processes(image_folder):
     assert batches[0].x.shape == (3, 3, 32, 32) and batches[0].display.dtype == np.uint8
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_equal_each_item_prepared_alone_to_the_bit(image_folder, workers):
+    """Workers send the uint8 crop and the batch is normalised in one go (loader.model_input):
+    the same numbers as base.prepare on each image, channels-last in memory as decoded."""
+    import torch
+
+    source = FolderSource(image_folder, [".png"])
+    batches = list(make_loader(source, source.items, None, PRE, batch_size=4, num_workers=workers))
+    for batch in batches:
+        alone = np.stack([prepare(cv2.cvtColor(cv2.imread(it.source), cv2.COLOR_BGR2RGB), None, PRE)[0].numpy()
+                          for it in batch.items])
+        assert np.array_equal(batch.x.numpy(), alone)
+        assert batch.x.is_contiguous(memory_format=torch.channels_last)
+        assert np.array_equal(batch.display, np.stack([prepare(cv2.cvtColor(cv2.imread(it.source), cv2.COLOR_BGR2RGB),
+                                                               None, PRE)[1] for it in batch.items]))
+
+
+def test_clip_batches_equal_each_clip_prepared_alone(tmp_path):
+    from pipeline.data.base import prepare_array
+    from pipeline.data.loader import model_input
+
+    clips = np.random.default_rng(0).integers(0, 256, (2, 3, 40, 48, 3), dtype=np.uint8)
+    crops = np.stack([np.stack([prepare_array(f, None, PRE)[1] for f in clip]) for clip in clips])
+    x = model_input(crops, PRE)
+    assert x.shape == (2, 3, 3, 32, 32) and x.is_contiguous()
+    assert np.array_equal(x.numpy(), np.stack([prepare_array(clip, None, PRE)[0] for clip in clips]))
+
+
 def test_video_frames_and_range_past_the_end(tmp_path):
     path = tmp_path / "clip.mp4"
     write_video(path, 12)

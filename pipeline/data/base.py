@@ -120,15 +120,18 @@ def resize_geometry(w: int, h: int, pre: Preprocess) -> Tuple[int, int, int, int
 
 def prepare_array(image: np.ndarray, crop: Optional[Sequence[int]], pre: Preprocess):
     """RGB uint8 [H, W, 3] -> (model input float32 [3, S, S], display image uint8 [S, S, 3]);
-    a clip [T, H, W, 3] -> ([3, T, S, S], [T, S, S, 3]), every frame prepared alike.
+    a clip [T, H, W, 3] -> ([3, T, S, S], [T, S, S, 3]): `model_crop`, then `normalise`."""
+    display = model_crop(image, crop, pre)
+    return normalise(display, pre), display
 
-    Crop box [x, y, w, h] first (must lie inside the image), then the shorter side is resized
-    to `pre.resize` (area interpolation when shrinking) and the centre `pre.input_size` square kept;
-    then (x / 255 - mean) / std in float32.
-    """
+
+def model_crop(image: np.ndarray, crop: Optional[Sequence[int]], pre: Preprocess) -> np.ndarray:
+    """RGB uint8 [H, W, 3] -> the crop the model sees, uint8 [S, S, 3] (a clip [T, H, W, 3] ->
+    [T, S, S, 3], every frame alike): the crop box [x, y, w, h] first (it must lie inside the
+    image), then the shorter side resized to `pre.resize` (area interpolation when shrinking) and
+    the centre `pre.input_size` square kept."""
     if image.ndim == 4:
-        frames = [prepare_array(frame, crop, pre) for frame in image]
-        return np.stack([f[0] for f in frames], 1), np.stack([f[1] for f in frames])
+        return np.stack([model_crop(frame, crop, pre) for frame in image])
     if crop is not None:
         x, y, w, h = (int(v) for v in crop)
         H, W = image.shape[:2]
@@ -142,8 +145,15 @@ def prepare_array(image: np.ndarray, crop: Optional[Sequence[int]], pre: Preproc
     if inter == cv2.INTER_AREA and scale >= 1:
         inter = cv2.INTER_CUBIC
     image = cv2.resize(image, (rw, rh), interpolation=inter)
-    display = np.ascontiguousarray(image[top : top + pre.input_size, left : left + pre.input_size])
-    x = display.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
-    mean = np.asarray(pre.mean, dtype=np.float32).reshape(3, 1, 1)
-    std = np.asarray(pre.std, dtype=np.float32).reshape(3, 1, 1)
-    return (x - mean) / std, display
+    return np.ascontiguousarray(image[top : top + pre.input_size, left : left + pre.input_size])
+
+
+def normalise(display: np.ndarray, pre: Preprocess) -> np.ndarray:
+    """uint8 [S, S, 3] -> (x / 255 - mean) / std, float32 [3, S, S] (a clip [T, S, S, 3] ->
+    [3, T, S, S]). The loader does the same on a whole batch in torch (loader.model_input), to the
+    bit."""
+    x = np.moveaxis(display, -1, 0).astype(np.float32) / np.float32(255.0)
+    shape = (3,) + (1,) * (x.ndim - 1)
+    mean = np.asarray(pre.mean, dtype=np.float32).reshape(shape)
+    std = np.asarray(pre.std, dtype=np.float32).reshape(shape)
+    return (x - mean) / std

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Deque, Dict, Iterator, List, Optional, Sequenc
 
 import numpy as np
 
-from pipeline.data.base import BadItem, Item, Skip, Source, prepare_array
+from pipeline.data.base import BadItem, Item, Skip, Source, model_crop
 from pipeline.preprocess import Preprocess
 
 if TYPE_CHECKING:  # torch is imported lazily: decoder workers need none of it
@@ -57,18 +57,37 @@ class DecodeError(RuntimeError):
     """An unexpected exception while decoding an input (a bug, not a bad input)."""
 
 
-def decode(source: Source, item: Item, crop, pre: Preprocess, min_side: Optional[int] = None):
-    """One item -> (x float32 [3, S, S] or [3, T, S, S], display uint8); raises BadItem."""
-    return prepare_array(source.read(item, min_side), crop, pre)
+def decode(source: Source, item: Item, crop, pre: Preprocess, min_side: Optional[int] = None) -> np.ndarray:
+    """One item -> the crop the model sees, uint8 [S, S, 3] (a clip: [T, S, S, 3]); raises BadItem.
+    Workers send this, a quarter of the float input's bytes; the batch is normalised here."""
+    return model_crop(source.read(item, min_side), crop, pre)
 
 
-def _make_batch(items: List[Item], decoded: List[tuple], skipped: List[Skip]) -> Batch:
+def model_input(display: np.ndarray, pre: Preprocess) -> "torch.Tensor":
+    """uint8 [N, S, S, 3] (clips [N, T, S, S, 3]) -> the model input, float32 [N, 3, S, S]
+    ([N, 3, T, S, S]): (x / 255 - mean) / std, equal to the bit to base.normalise of each item
+    (tested). Images stay channels-last in memory (strides of [N, S, S, 3], as they are decoded):
+    CPU convolutions run faster on them (EfficientNet-Lite0 here: ~1.35x) and give each row the
+    same numbers wherever it sits in the batch; clips are contiguous [N, 3, T, S, S]."""
     import torch
 
+    t = torch.from_numpy(display)
+    if t.ndim == 4:
+        t = t.permute(0, 3, 1, 2)  # a view: channels-last strides, kept by .to() below
+    else:
+        t = t.permute(0, 4, 1, 2, 3).contiguous()
+    t = t.to(torch.float32)
+    shape = (1, 3) + (1,) * (t.ndim - 2)
+    mean = torch.tensor(pre.mean, dtype=torch.float32).reshape(shape)
+    std = torch.tensor(pre.std, dtype=torch.float32).reshape(shape)
+    return t.div_(255.0).sub_(mean).div_(std)
+
+
+def _make_batch(items: List[Item], displays: List[np.ndarray], skipped: List[Skip], pre: Preprocess) -> Batch:
     if not items:
         return Batch([], None, None, skipped)
-    return Batch(items, torch.from_numpy(np.stack([d[0] for d in decoded])), np.stack([d[1] for d in decoded]),
-                 skipped)
+    display = np.stack(displays)
+    return Batch(items, model_input(display, pre), display, skipped)
 
 
 class Loader:
@@ -112,7 +131,7 @@ class Loader:
                     good.append(item)
                 except BadItem as err:
                     skipped.append(Skip(item.id, item.source, item.frame, str(err)))
-            yield _make_batch(good, decoded, skipped)
+            yield _make_batch(good, decoded, skipped, self.pre)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -167,12 +186,11 @@ def worker_main(fd: int, parent: int) -> None:
             return
         index, item = task
         try:
-            x, display = decode(source, item, crop, pre, min_side)
-            reply = (index, x, display, None, None)
+            reply = (index, decode(source, item, crop, pre, min_side), None, None)
         except BadItem as err:
-            reply = (index, None, None, str(err), None)
+            reply = (index, None, str(err), None)
         except Exception:  # noqa: BLE001 - a bug: sent back with its traceback, the run stops
-            reply = (index, None, None, None, traceback.format_exc())
+            reply = (index, None, None, traceback.format_exc())
         try:
             conn.send(reply)
         except (OSError, EOFError):
@@ -276,7 +294,7 @@ class _Pool:
         self.capacity = (loader.prefetch + 1) * loader.batch_size  # items sent or decoded but not yet consumed
         self.depth = max(2, -(-loader.batch_size // loader.num_workers))  # items queued per worker
         self.pending: Deque[int] = collections.deque(range(n))
-        self.done: Dict[int, tuple] = {}  # index -> ("ok", x, display) | ("skip", reason)
+        self.done: Dict[int, tuple] = {}  # index -> ("ok", display) | ("skip", reason)
         self.emitted = 0  # items handed to the consumer, in order
         self.consumed = 0  # items the consumer has taken
         self.deaths_in_a_row = 0
@@ -363,17 +381,17 @@ class _Pool:
                 result, item = self.done.pop(i), items[i]
                 if result[0] == "ok":
                     good.append(item)
-                    decoded.append(result[1:])
+                    decoded.append(result[1])
                 else:
                     skipped.append(Skip(item.id, item.source, item.frame, result[1]))
             self.emitted = end
-            self.out.put(_make_batch(good, decoded, skipped))
+            self.out.put(_make_batch(good, decoded, skipped, self.loader.pre))
 
     def _receive(self, w: _Worker) -> bool:
         """Read the replies waiting on w's socket; False at end-of-file (the worker is gone)."""
         while w.conn.poll():
             try:
-                index, x, display, reason, error = w.conn.recv()
+                index, display, reason, error = w.conn.recv()
             except (EOFError, OSError):
                 return False
             held = w.held.popleft()
@@ -383,7 +401,7 @@ class _Pool:
                 raise DecodeError(f"decoding {item.id} ({item.source}) failed with an unexpected error "
                                   f"(not a bad input, so the run stops):\n{error}")
             self.deaths_in_a_row = 0
-            self.done[index] = ("ok", x, display) if reason is None else ("skip", reason)
+            self.done[index] = ("ok", display) if reason is None else ("skip", reason)
         return True
 
     def _replace(self, w: _Worker) -> None:
