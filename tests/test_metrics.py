@@ -67,6 +67,21 @@ def test_imputation_matches_an_exact_sparse_solve(kind):
     torch.testing.assert_close(noisy - out, noise * removed[:, None], atol=1e-5, rtol=0)
 
 
+def test_a_plane_imputes_alike_alone_or_beside_others():
+    """Per-plane stopping and elementwise grid transfers: a row's imputation does not depend on the
+    rows solved with it (max_batch, batch and resume boundaries), to the bit."""
+    H, W = 45, 52
+    x = smooth_image(6, H, W, seed=1)
+    g = torch.Generator().manual_seed(2)
+    relevance = torch.nn.functional.interpolate(torch.rand(6, 1, 5, 5, generator=g), (H, W), mode="bilinear")
+    removed = torch.stack([removal_masks(ranks(relevance[i:i + 1], (H, W))[0], [p], "morf")[0, 0].reshape(H, W)
+                           for i, p in enumerate([10, 30, 50, 70, 90, 95])])
+    together = impute(x, removed)
+    for i in range(6):
+        assert torch.equal(impute(x[i:i + 1], removed[i:i + 1])[0], together[i])
+    assert torch.equal(impute(x[2:5], removed[2:5]), together[2:5])
+
+
 def test_imputation_matches_pytorch_grad_cam():
     gradcam_road = pytest.importorskip("pytorch_grad_cam.metrics.road")
     x = smooth_image(1, 24, 24)[0]

@@ -13,10 +13,13 @@ pytorch-grad-cam's ROADCombined reports half of it). Unlike pytorch-grad-cam, wh
 Imputation happens in the model's normalised input space (the tensor the model is fed, as in
 pytorch-grad-cam) and the noise std 0.01 is absolute in that space. The linear system of an image
 is symmetric positive definite (restricted to its removed pixels); it is solved by conjugate
-gradients preconditioned with a multigrid V-cycle, vectorised over rows x channels, to a relative
-residual of `TOL`, which agrees with an exact sparse solve to ~1e-4 (float32). The noise of a
-row is drawn from a generator keyed by the run's seed, the input's id, the order, the target class
-and p (pipeline.seeds), so it does not depend on the batch or on resume boundaries. Only image inputs [N, C, H, W] are supported.
+gradients preconditioned with a multigrid V-cycle, vectorised over rows x channels; each plane
+stops at a relative residual of `TOL` (~5e-5 from an exact sparse solve, float32). Every step is
+elementwise or a per-plane sum, so a plane's result is the same to the bit whichever planes are
+solved beside it (tested), and the noise of a row is drawn from a generator keyed by the run's
+seed, the input's id, the order, the target class and p (pipeline.seeds): ROAD values do not
+depend on the batch, on max_batch or on resume boundaries. Only image inputs [N, C, H, W] are
+supported.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from pipeline.seeds import keyed_generator
 from pipeline.techniques.base import rows_logits
 
 NOISE = 0.01  # std of the noise added to imputed pixels, in the model's input space
-TOL = 1e-5  # PCG stops when every residual norm is below TOL times its right-hand side's
+TOL = 1e-6  # a plane stops once its residual norm is below TOL times its right-hand side's
 MAX_ITER = 500
 COARSEST = 8  # the multigrid stops halving below this side
 SWEEPS = 2  # Jacobi sweeps before and after each coarse correction
@@ -55,32 +58,51 @@ def _neighbours(u: torch.Tensor) -> torch.Tensor:
 
 
 def _operator(e: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """The system on the removed pixels m: s*e - W(m*e) there, 0 elsewhere; [B, H, W] -> same."""
-    return m * (s * e - _neighbours(m * e))
+    """The system on the removed pixels m: s*e - W(e) there, 0 elsewhere, for e that is 0 off m;
+    [B, H, W] -> same."""
+    return m * (s * e - _neighbours(e))
+
+
+def _restrict_axis(r: torch.Tensor, dim: int) -> torch.Tensor:
+    """Full weighting (1, 3, 3, 1) / 4 along `dim`, halving it (an odd side gets a zero pad)."""
+    if r.shape[dim] % 2:
+        r = torch.cat([r, torch.zeros_like(r.narrow(dim, 0, 1))], dim)
+    even, odd = r.narrow(dim, 0, r.shape[dim] // 2 * 2).unflatten(dim, (-1, 2)).unbind(dim + 1)
+    c = (even + odd).mul_(0.75)
+    n = c.shape[dim]
+    c.narrow(dim, 1, n - 1).add_(odd.narrow(dim, 0, n - 1), alpha=0.25)  # r[2i - 1]
+    c.narrow(dim, 0, n - 1).add_(even.narrow(dim, 1, n - 1), alpha=0.25)  # r[2i + 2]
+    return c
+
+
+def _prolong_axis(e: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """Linear interpolation to twice the length along `dim` (the transpose of _restrict_axis),
+    cropped to `size`."""
+    n = e.shape[dim]
+    even, odd = e * 0.75, e * 0.75
+    even.narrow(dim, 1, n - 1).add_(e.narrow(dim, 0, n - 1), alpha=0.25)  # fine 2i <- e[i - 1]
+    odd.narrow(dim, 0, n - 1).add_(e.narrow(dim, 1, n - 1), alpha=0.25)  # fine 2i + 1 <- e[i + 1]
+    return torch.stack([even, odd], dim + 1).flatten(dim, dim + 1).narrow(dim, 0, size)
 
 
 def _restrict(r: torch.Tensor) -> torch.Tensor:
-    """Full weighting to half resolution (the transpose of `_prolong`): [B, H, W] -> [B, ceil(H/2), ceil(W/2)]."""
-    H, W = r.shape[1:]
-    r = F.pad(r, (0, W % 2, 0, H % 2))[:, None]
-    return F.conv2d(r, _BILINEAR.to(r), stride=2, padding=1)[:, 0]
+    """[B, H, W] -> [B, ceil(H/2), ceil(W/2)]: separable, elementwise, so each plane's numbers do
+    not depend on the planes solved beside it."""
+    return _restrict_axis(_restrict_axis(r, 1), 2)
 
 
 def _prolong(e: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear interpolation to twice the resolution, cropped to `size`: [B, h, w] -> [B, *size]."""
-    up = F.conv_transpose2d(e[:, None], _BILINEAR.to(e), stride=2, padding=1)[:, 0]
-    return up[:, :size[0], :size[1]]
-
-
-_LINE = torch.tensor([1.0, 3.0, 3.0, 1.0]) / 4
-_BILINEAR = (_LINE[:, None] * _LINE[None, :]).view(1, 1, 4, 4)
+    """[B, h, w] -> [B, *size], the transpose of _restrict."""
+    return _prolong_axis(_prolong_axis(e, 1, size[0]), 2, size[1])
 
 
 def _levels(m: torch.Tensor):
-    """[(removed mask, neighbour weight sums)] from the full resolution down to a side < 2 * COARSEST."""
+    """[(removed mask, neighbour weight sums, mask / sums)] from the full resolution down to a side
+    < 2 * COARSEST."""
     levels = []
     while True:
-        levels.append((m, _neighbours(torch.ones_like(m[:1]))))
+        s = _neighbours(torch.ones_like(m[:1]))
+        levels.append((m, s, m / s))
         if min(m.shape[1:]) < 2 * COARSEST:
             return levels
         H, W = m.shape[1:]
@@ -88,33 +110,38 @@ def _levels(m: torch.Tensor):
         m = 1 - known  # a coarse pixel is removed when its 2 x 2 fine pixels all are
 
 
-def _jacobi(e: torch.Tensor, r: torch.Tensor, m: torch.Tensor, s: torch.Tensor, sweeps: int) -> torch.Tensor:
+def _jacobi(e: Optional[torch.Tensor], r: torch.Tensor, inv: torch.Tensor, sweeps: int) -> torch.Tensor:
+    """Jacobi sweeps for A e = r (r and e 0 off the removed pixels, inv = m / s): e <- (r + W e) / s
+    on the removed pixels, which is e + (r - A e) / s there."""
     for _ in range(sweeps):
-        e = e + m * (r - _operator(e, m, s)) / s
+        e = inv * r if e is None else inv * (r + _neighbours(e))
     return e
 
 
 def _vcycle(r: torch.Tensor, levels, depth: int = 0) -> torch.Tensor:
-    """One symmetric multigrid V-cycle for A e = r (Jacobi smoothing, bilinear transfers, the same
+    """One symmetric multigrid V-cycle for A e = r (Jacobi smoothing, linear transfers, the same
     stencil re-discretized on each coarser grid): a symmetric positive definite preconditioner."""
-    m, s = levels[depth]
+    m, s, inv = levels[depth]
     if depth == len(levels) - 1:
-        return _jacobi(torch.zeros_like(r), r, m, s, COARSE_SWEEPS)
-    e = _jacobi(torch.zeros_like(r), r, m, s, SWEEPS)
+        return _jacobi(None, r, inv, COARSE_SWEEPS)
+    e = _jacobi(None, r, inv, SWEEPS)
     mc = levels[depth + 1][0]
-    coarse = _vcycle(mc * _restrict(m * (r - _operator(e, m, s))), levels, depth + 1)
-    e = e + m * _prolong(mc * coarse, r.shape[1:])
-    return _jacobi(e, r, m, s, SWEEPS)
+    coarse = _vcycle(mc * _restrict(r - _operator(e, m, s)), levels, depth + 1)
+    e = e + m * _prolong(coarse, r.shape[1:])
+    return _jacobi(e, r, inv, SWEEPS)
 
 
 def _solve(v: torch.Tensor, m: torch.Tensor, tol: float, max_iter: int) -> torch.Tensor:
     """The imputed values z [B, H, W] (0 off the removed pixels) of planes v [B, H, W] with removed
     pixels m [B, H, W] (float 0/1): multigrid-preconditioned conjugate gradients, every plane at
-    once, until each residual is below tol times its right-hand side."""
+    once. A plane stops once its residual is below tol times its right-hand side: its z is taken
+    out, and the planes still running are packed together once a quarter of them have stopped, so
+    a plane's result does not depend on the planes solved beside it."""
     levels = _levels(m)
-    s = levels[0][1]
     dims = (1, 2)
     b = m * _neighbours((1 - m) * v)
+    out = torch.zeros_like(v)
+    rows = torch.arange(len(v), device=v.device)  # which plane of v each running plane is
     z = torch.zeros_like(v)
     r = b.clone()
     y = _vcycle(r, levels)
@@ -122,11 +149,19 @@ def _solve(v: torch.Tensor, m: torch.Tensor, tol: float, max_iter: int) -> torch
     ry = (r * y).sum(dims)
     limit = (tol * tol) * (b * b).sum(dims)
     for _ in range(max_iter):
-        if bool(((r * r).sum(dims) <= limit).all()):
-            break
+        active = (r * r).sum(dims) > limit
+        if not bool(active.all()):
+            out[rows[~active]] = z[~active]
+            if not bool(active.any()):
+                return out
+            if int(active.sum()) <= 0.75 * len(rows):  # pack the running planes together
+                keep = active.nonzero()[:, 0]
+                rows, z, r, p, ry, limit, active = (t[keep] for t in (rows, z, r, p, ry, limit, active))
+                levels = [(lm[keep], ls, inv[keep]) for lm, ls, inv in levels]  # ls: [1, h, w], shared
+        m, s = levels[0][0], levels[0][1]
         ap = _operator(p, m, s)
         pap = (p * ap).sum(dims)
-        alpha = torch.where(pap > 0, ry / pap.clamp_min(1e-30), torch.zeros_like(ry))[:, None, None]
+        alpha = torch.where(active & (pap > 0), ry / pap.clamp_min(1e-30), torch.zeros_like(ry))[:, None, None]
         z = z + alpha * p
         r = r - alpha * ap
         y = _vcycle(r, levels)
@@ -134,7 +169,8 @@ def _solve(v: torch.Tensor, m: torch.Tensor, tol: float, max_iter: int) -> torch
         beta = torch.where(ry > 0, ry_new / ry.clamp_min(1e-30), torch.zeros_like(ry))[:, None, None]
         p = y + beta * p
         ry = ry_new
-    return z
+    out[rows] = z
+    return out
 
 
 def impute(x: torch.Tensor, removed: torch.Tensor, noise: Optional[torch.Tensor] = None,
