@@ -3,6 +3,8 @@ independent computation, and a run writing their columns."""
 import h5py
 import numpy as np
 import pytest
+import scipy.sparse as sp  # a dev dependency: the exact solve ROAD's imputation is checked against
+import scipy.sparse.linalg as spla
 import torch
 
 from pipeline.config import ConfigError, validate
@@ -12,9 +14,6 @@ from pipeline.metrics.sparseness import gini
 from pipeline.runner import run
 from tests.conftest import tiny_overrides
 from tests.tinymodels import tiny_net
-
-sp = pytest.importorskip("scipy.sparse")
-spla = pytest.importorskip("scipy.sparse.linalg")
 
 
 def exact_imputation(img: np.ndarray, removed: np.ndarray) -> np.ndarray:

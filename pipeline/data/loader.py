@@ -1,6 +1,6 @@
 """Decoding inputs into batches, in worker processes that never outlive the run.
 
-With `num_workers > 0`, items are decoded and preprocessed in worker processes that are fresh
+With `num_workers > 0`, items are decoded, cropped and resized in worker processes that are fresh
 interpreters (`python -c`), never forks of the main process: a worker holds none of the main
 process's open files (maps.h5 and its HDF5 lock, the run-dir lock) or threads, and never imports
 the caller's `__main__`. A worker
@@ -13,6 +13,9 @@ the caller's `__main__`. A worker
   holds. A worker killed mid-item (the OOM killer on a huge image) costs that item only: it
   becomes a skipped record ("decoder died ..."), a new worker takes over the items queued behind
   it, and the run goes on. Workers dying on `MAX_DEATHS_IN_A_ROW` items in a row stop the run.
+
+A worker sends the uint8 crop the model sees, not the float input (a quarter of the bytes); the
+batch is normalised once in the loader's thread (`model_input`), to the bit as `base.normalise`.
 
 Only `BadItem` (an input that cannot be read or decoded, a crop that does not fit) becomes a
 skipped record. Any other exception while decoding is a bug: it stops the run with the worker's
