@@ -111,6 +111,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     technique: Dict[str, Any] = field(default_factory=dict)
     layers: List[str] = II("model.layers")  # module names or glob patterns
+    layout: str = "auto"  # auto | nchw | nhwc | tokens: how the layers' outputs are read as maps (pipeline/layouts.py)
     target: str = "pred"  # pred | label | <int> | topk:<k> | "<class name>"
     batch_size: int = 16
     max_batch: int = II("batch_size")  # memory budget: most rows per forward when a technique expands a batch
@@ -256,6 +257,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"max_batch={cfg.max_batch} must be at least 1")
     if cfg.num_workers < 0:
         raise ConfigError(f"num_workers={cfg.num_workers} must be 0 or more")
+    if cfg.layout not in ("auto", "nchw", "nhwc", "tokens"):  # pipeline.layouts.LAYOUTS
+        raise ConfigError(f"layout={cfg.layout!r}: expected auto, nchw, nhwc or tokens")
     if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", cfg.device):
         raise ConfigError(f"device={cfg.device!r}: expected auto, cpu, cuda or cuda:N")
     _check_ranges(cfg)

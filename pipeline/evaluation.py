@@ -101,6 +101,7 @@ class SanityCheck:
     model: nn.Module
     steps: int
     seed: int
+    layout: str = "auto"  # as the run reads its layers (pipeline.layouts)
 
     def __post_init__(self):
         self.original = self.model
@@ -132,7 +133,7 @@ class SanityCheck:
                 p.requires_grad_(False)
             needs = frozenset().union(*(t.needs for t in techniques.values()))
             shared = Pass(self.copy, x, layers, target, max_batch=max_batch, needs=needs,
-                          seed=seed, ids=ids, targets=targets)
+                          seed=seed, ids=ids, targets=targets, layout=self.layout)
             for name in {key[0] for key in originals}:
                 result = techniques[name].attribute(self.copy, x, layers, target, shared=shared)
                 for key in [k for k in originals if k[0] == name]:

@@ -10,12 +10,14 @@ module or functional, and is switched off on exit.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, Iterator, Sequence
+from typing import Dict, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from pipeline.layouts import NCHW, Layout, detect
 
 
 class StopForward(Exception):
@@ -32,7 +34,8 @@ def forward(model: nn.Module, x: torch.Tensor):
 
 @contextmanager
 def capture(
-    model: nn.Module, layers: Sequence[str], *, grad: bool = False, stop: bool = False
+    model: nn.Module, layers: Sequence[str], *, grad: bool = False, stop: bool = False,
+    layout: str = "nchw", found: Optional[Dict[str, Layout]] = None,
 ) -> Iterator[Dict[str, torch.Tensor]]:
     """Record the outputs of `layers` (names from `named_modules()`) during forward passes.
 
@@ -43,7 +46,13 @@ def capture(
     a module runs more than once).
     stop=True: the forward pass ends (StopForward) as soon as every layer has run once, so the
     rest of the network is not computed; call the model through `forward()` to get None then.
+    layout: "nchw" records outputs as they are; "auto" (or a forced "nhwc" / "tokens") reads each
+    layer's layout from its output, the model input's size and the model (pipeline.layouts.detect):
+    a channels-last or token output is recorded as maps [N, C, h, w], and with grad=True the
+    model goes on with the output rebuilt from the recorded maps, so gradients w.r.t. them flow.
+    found: a dict that receives each layer's Layout.
     """
+    size: list = []  # the model input's (H, W), recorded by a pre-hook on the model itself
     modules = dict(model.named_modules())
     acts: Dict[str, torch.Tensor] = {}
     handles = []
@@ -56,14 +65,23 @@ def capture(
                     f"layer {name!r} ({type(module).__name__}) returns {type(output).__name__}, "
                     "not a tensor; choose one of its submodules"
                 )
+            read = NCHW if layout == "nchw" else detect(tuple(output.shape), size[-1], model, layout)
+            if found is not None:
+                found[name] = read
             if not grad:
-                acts[name] = output.detach().clone()
+                acts[name] = read.to_maps(output.detach()).clone()
                 result = None
-            else:
+            elif read.kind == "nchw":
                 if not output.requires_grad:
                     output = output.detach().requires_grad_(True)
                 acts[name] = output
                 result = output.clone()
+            else:
+                maps = read.to_maps(output)
+                if not output.requires_grad:  # a leaf: the backward stops here, as above
+                    output, maps = output.detach(), maps.detach().requires_grad_(True)
+                acts[name] = maps
+                result = read.from_maps(maps, output)
             if stop:
                 seen.add(name)
                 if len(seen) == len(layers):
@@ -73,7 +91,13 @@ def capture(
 
         return hook
 
+    def record_size(module, inputs):
+        x = next((t for t in inputs if torch.is_tensor(t)), None)
+        size[:] = [tuple(x.shape[-2:]) if x is not None and x.dim() >= 3 else (1, 1)]
+
     try:
+        if layout != "nchw":
+            handles.append(model.register_forward_pre_hook(record_size))
         for name in layers:
             handles.append(modules[name].register_forward_hook(make_hook(name)))
         yield acts

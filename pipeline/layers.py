@@ -1,5 +1,7 @@
-"""`python -m pipeline.layers [model=...]`: every layer with its type, output shape and theoretical
-receptive field (size, jump = cumulative stride, centre of element 0's field, in input pixels).
+"""`python -m pipeline.layers [model=...]`: every layer with its type, output shape, how it is read
+as maps [N, C, h, w] when it is not one already (channels-last, or ViT tokens with their prefix and
+patch grid: pipeline.layouts) and theoretical receptive field (size, jump = cumulative stride,
+centre of element 0's field, in input pixels).
 
 The listing builds the architecture alone (build_model's load_weights=False): torchvision and
 timm weights are neither downloaded nor read, so it works offline with an empty cache."""
@@ -10,7 +12,8 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.config import CONF_DIR, ConfigError, register_configs
-from pipeline.models import build_model, last_conv_block, probe_shapes
+from pipeline.layouts import read_shapes
+from pipeline.models import build_model, default_layer, probe_shapes
 from pipeline.rf import GraphError
 from pipeline.rf.table import field_table, fmt
 
@@ -26,6 +29,8 @@ def layer_table(cfg: DictConfig) -> str:
         raise ConfigError("a TorchScript model cannot be hooked, so its layers cannot be listed")
     example = model.example()
     shapes = probe_shapes(model.module, example)
+    size = tuple(example.shape[-2:])
+    layouts, _ = read_shapes(model.module, shapes, size)
     modules = dict(model.module.named_modules())
     width = max(len(n) for n in modules)
     try:
@@ -33,16 +38,20 @@ def layer_table(cfg: DictConfig) -> str:
         note = "receptive field in input pixels: size, jump (stride), centre of element 0"
     except GraphError as err:
         fields, note = {}, f"no receptive fields: {err}"
+    except Exception as err:  # noqa: BLE001 - a model the tracer cannot run (a ViT's attention): listed without
+        fields, note = {}, f"no receptive fields (the graph could not be traced: {type(err).__name__}: {err})"
     lines = [f"# {model.description}, input {list(example.shape)}; {note}",
-             f"{'layer':<{width}}  {'type':<24}  {'output':<22}  {'rf':>7}  {'jump':>5}  centre"]
+             f"{'layer':<{width}}  {'type':<24}  {'output':<22}  {'as maps':<18}  {'rf':>7}  {'jump':>5}  centre"]
     for name, module in modules.items():
         if name:
             shape = shapes.get(name, "not run")
             shape = str(list(shape) if isinstance(shape, tuple) else shape)
             row = fields.get(name)
             rf = f"{fmt(row.size):>7}  {fmt(row.jump):>5}  {fmt(row.centre)}" if row else f"{'-':>7}  {'-':>5}  -"
-            lines.append(f"{name:<{width}}  {type(module).__name__:<24}  {shape:<22}  {rf}")
-    default = list(cfg.model.layers) or [last_conv_block(model.module, shapes)]
+            read = layouts.get(name)
+            read = str(read) if read is not None and read.kind != "nchw" else "-"
+            lines.append(f"{name:<{width}}  {type(module).__name__:<24}  {shape:<22}  {read:<18}  {rf}")
+    default = list(cfg.model.layers) or [default_layer(model.module, shapes, size)]
     lines.append(f"# default layers: {default}")
     return "\n".join(lines)
 

@@ -17,7 +17,7 @@ from pipeline.preprocess import Preprocess
 # Re-exported: pipeline.models.{Preprocess, IMAGENET, imagenet_classes, build_efficientnet_lite0,
 # embedded_weights_path} are imported elsewhere under these names.
 __all__ = ["IMAGENET", "LoadedModel", "Preprocess", "build_efficientnet_lite0", "build_model",
-           "embedded_weights_path", "imagenet_classes", "is_video_model", "last_conv_block", "layer_names",
+           "default_layer", "embedded_weights_path", "imagenet_classes", "is_video_model", "last_conv_block", "layer_names",
            "probe_shapes", "resolve_layers"]
 
 
@@ -166,6 +166,16 @@ def probe_shapes(model: nn.Module, example: torch.Tensor | int, device: torch.de
         for h in handles:
             h.remove()
     return shapes
+
+
+def default_layer(model: nn.Module, shapes: Dict[str, Optional[Tuple[int, ...]]], size: Tuple[int, int]) -> str:
+    """The layer used when none is given: for a ViT-family model the tokens entering its last
+    attention (layouts.default_token_layer), else the last conv block, channels-last outputs read
+    as maps (Swin, ConvNeXt)."""
+    from pipeline.layouts import default_token_layer, read_shapes
+
+    layouts, maps = read_shapes(model, shapes, size)
+    return default_token_layer(model, shapes, layouts) or last_conv_block(model, maps)
 
 
 def last_conv_block(model: nn.Module, shapes: Dict[str, Optional[Tuple[int, ...]]]) -> str:

@@ -13,7 +13,8 @@ from pipeline.config import ConfigError
 from pipeline.data import Skip, Source
 from pipeline.data.annotations import LABEL_REASON, Annotations, load_annotations
 from pipeline.evaluation import SanityCheck
-from pipeline.models import LoadedModel, last_conv_block, probe_shapes, resolve_layers
+from pipeline.layouts import read_shapes
+from pipeline.models import LoadedModel, default_layer, probe_shapes, resolve_layers
 from pipeline.targets import TargetSpec
 from pipeline.techniques import Technique, get_technique
 
@@ -111,10 +112,19 @@ def choose_layers(cfg, model: LoadedModel, device: torch.device, techniques: Dic
     try:
         target.check(model.num_classes)
         if layered:
-            shapes = probe_shapes(model.module, model.example(device))
-            layers = resolve_layers(model.module, cfg.layers) if cfg.layers else [last_conv_block(model.module, shapes)]
-            for technique in layered:
-                technique.check_layers({layer: shapes.get(layer) for layer in layers})
+            example = model.example(device)
+            shapes = probe_shapes(model.module, example)
+            size = tuple(example.shape[-2:])
+            layers = resolve_layers(model.module, cfg.layers) if cfg.layers else [default_layer(model.module, shapes, size)]
+            layouts, maps = read_shapes(model.module, {layer: shapes.get(layer) for layer in layers}, size, None,
+                                        cfg.layout)
+            other = {layer: str(layouts[layer]) for layer in layers if layouts[layer].kind != "nchw"}
+            for technique in layered:  # every layer as maps [N, C, h, w] (ViT tokens, channels-last: pipeline.layouts)
+                if other and not technique.layouts:
+                    raise ConfigError(f"{technique.name} reads layers as [N, C, h, w] only, and "
+                                      + ", ".join(f"{k} is {v}" for k, v in other.items())
+                                      + "; the CAM family and activations read token and channels-last layers")
+                technique.check_layers(maps)
         for technique in techniques.values():
             technique.check_model(model.module, layers if technique.uses_layers else [])
     except ValueError as err:  # ConfigError included
@@ -131,6 +141,7 @@ def run_key(p: Plan) -> dict:
         "data": data,
         "technique": OmegaConf.to_container(p.cfg.technique, resolve=True),
         "layers": p.layers,
+        "layout": str(p.cfg.layout),
         "target": str(p.cfg.target),
         "evaluate": OmegaConf.to_container(p.cfg.evaluate, resolve=True),
         "store": OmegaConf.to_container(p.cfg.store, resolve=True),

@@ -105,7 +105,7 @@ def plan(cfg, spares: Optional[SpareDecoders] = None) -> Plan:
     check_torchscript(model, techniques)
     layers = choose_layers(cfg, model, device, techniques, target)
     annotations = plan_annotations(cfg, source, model, target)
-    sanity = SanityCheck(model.module, cfg.evaluate.sanity_steps, cfg.seed) if cfg.evaluate.sanity else None
+    sanity = SanityCheck(model.module, cfg.evaluate.sanity_steps, cfg.seed, cfg.layout) if cfg.evaluate.sanity else None
     return Plan(cfg, device, model, layers, target, techniques, source, sanity, annotations)
 
 
@@ -348,7 +348,7 @@ def _compute(p: Plan, batch, progress: Optional[BatchProgress] = None) -> BatchR
     ids = [item.id for item in batch.items]  # random draws are keyed by seed and id (Pass.input_generator)
     labels = torch.as_tensor(p.annotations.label_array(ids), device=p.device) if p.target.mode == "label" else None
     shared = Pass(p.model.module, x, p.layers, p.target, max_batch=p.cfg.max_batch, needs=needs,
-                  seed=p.cfg.seed, ids=ids, targets=labels)
+                  seed=p.cfg.seed, ids=ids, targets=labels, layout=p.cfg.layout)
     maps = {}
     for i, (name, technique) in enumerate(techniques.items()):
         shared.progress = progress.slot(i) if progress else NO_PROGRESS

@@ -204,6 +204,9 @@ def test_a_run_key_from_before_store_options_resumes_as_float32():
     assert key_differences(legacy, new) == []
     assert key_differences(legacy, {"evaluate": {**new["evaluate"], "road_percentages": [50]}}) == \
         ["evaluate.road_percentages: (not set) -> [50]"]
+    # issue 15's layout: auto (what every run before it did on its CNN layers) resumes them
+    assert key_differences(old, {**old, "layout": "auto"}) == []
+    assert key_differences(old, {**old, "layout": "tokens"}) == ["layout: (not set) -> tokens"]
 
 
 # -- summaries: combine / finalize ----------------------------------------------------------------

@@ -17,6 +17,7 @@ from pipeline.store.layout import ROWS, RUN_KEY, SKIPPED, SKIPPED_ROWS
 # Settings added after runs were made, with the value that means what those runs did: a run key
 # without them matches these values (store.dtype=float32: maps were float32 before the option).
 LEGACY_DEFAULTS = {"store": {"dtype": "float32"},  # what runs made before these keys existed did
+                   "layout": "auto",  # before layouts, every layer was read as it is (auto: the same for CNNs)
                    "evaluate": {"pointing_tolerance": 15, "road_percentages": list(range(10, 100, 10))}}
 
 

@@ -11,21 +11,23 @@ import torch
 from torch import nn
 
 from pipeline.contracts import Paper
+from pipeline.layouts import NCHW, Layout
 from pipeline.techniques.base import register
 from pipeline.techniques.gradcam import CAM
 from pipeline.techniques.scorecam import ForwardCAM, channel_scores, weighted_sum
 
 
 @contextmanager
-def zero_channels(module: nn.Module) -> Iterator[SimpleNamespace]:
+def zero_channels(module: nn.Module, layout: Layout = NCHW) -> Iterator[SimpleNamespace]:
     """While open, row i of the module's output has channel `state.channels[i]` set to 0 (set
-    `state.channels` [m] before each forward). The hook is removed in finally."""
+    `state.channels` [m] before each forward), the channel axis read through `layout`
+    (channels-last, tokens: pipeline.layouts). The hook is removed in finally."""
     state = SimpleNamespace(channels=None)
 
     def hook(mod, inputs, out):
-        out = out.clone()
-        out[torch.arange(out.shape[0], device=out.device), state.channels] = 0
-        return out
+        maps = layout.to_maps(out).clone()  # [m, C, h, w]
+        maps[torch.arange(maps.shape[0], device=maps.device), state.channels] = 0
+        return layout.from_maps(maps, out)
 
     handle = module.register_forward_hook(hook)
     try:
@@ -53,7 +55,7 @@ class AblationCAM(ForwardCAM):
 
     def layer_cam(self, p, layer, acts):
         y = p.logits.gather(1, p.targets)[..., None]  # [N, K, 1]
-        with zero_channels(p.model.get_submodule(layer)) as zeroed:
+        with zero_channels(p.model.get_submodule(layer), p.layout_of(layer)) as zeroed:
             def rows(n, c):
                 zeroed.channels = c
                 return p.x[n]

@@ -17,6 +17,7 @@ class Activations(Technique):
                "mean": Output(Kind.DATA, "[N, C]"),
                "topk": Output(Kind.DATA, "[N, k]", "int64", doc="channel ids, highest mean first")}
     needs = frozenset({ACTS})
+    layouts = True
 
     @dataclass
     class Options:

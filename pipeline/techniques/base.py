@@ -39,6 +39,7 @@ from torch import nn
 
 from pipeline.contracts import Draw, Family, Kind, Output, Paper
 from pipeline.hooks import capture
+from pipeline.layouts import NCHW, Layout
 from pipeline.progress import NO_PROGRESS, Progress
 from pipeline.seeds import keyed_generator
 from pipeline.summaries import add as add_stats
@@ -120,8 +121,11 @@ class Pass:
 
     def __init__(self, model: nn.Module, x: torch.Tensor, layers: Sequence[str], target: TargetSpec,
                  *, max_batch: int = 64, needs: FrozenSet[str] = frozenset(), seed: int = 0,
-                 ids: Optional[Sequence[str]] = None, targets: Optional[torch.Tensor] = None):
+                 ids: Optional[Sequence[str]] = None, targets: Optional[torch.Tensor] = None,
+                 layout: str = "auto"):
         self.model, self.x, self.layers, self.target = model, x, list(layers), target
+        self.layout = layout  # how layer outputs become maps [N, C, h, w] (pipeline.layouts)
+        self._layouts: Dict[str, Layout] = {}  # each layer's, as the first capture read it
         self.max_batch, self.needs = max_batch, needs
         # Random draws are keyed per input by `seed` and the input's id (`input_generator`), so an
         # input's map does not depend on its batch; without ids, inputs are keyed by position.
@@ -183,16 +187,22 @@ class Pass:
             if LAYER_GRADS in self.needs:
                 self.layer_grads()
             else:
-                with torch.no_grad(), capture(self.model, self.layers) as acts:
+                with torch.no_grad(), capture(self.model, self.layers, layout=self.layout, found=self._layouts) as acts:
                     self.set_logits(self.model(self.x))
                 self._acts = dict(acts)
         return self._acts
+
+    def layout_of(self, layer: str) -> Layout:
+        """How `layer`'s output is laid out (nchw, nhwc, tokens), as the shared pass read it."""
+        self.activations()
+        return self._layouts.get(layer, NCHW)
 
     def layer_grads(self) -> Dict[str, torch.Tensor]:
         """{layer: [N, K, C, ...]} d(target logit)/d(layer output), every layer from one forward and
         one backward per target; the backward stops at the shallowest chosen layer."""
         if self._layer_grads is None:
-            with torch.enable_grad(), capture(self.model, self.layers, grad=True) as acts:
+            with torch.enable_grad(), capture(self.model, self.layers, grad=True, layout=self.layout,
+                                              found=self._layouts) as acts:
                 logits = self.model(self.x)  # [N, classes]
             self.set_logits(logits)
             feats = [acts[layer] for layer in self.layers]
@@ -263,6 +273,7 @@ class Technique:
     uses_layers: ClassVar[bool] = True  # False: maps live in input space (layer "input")
     needs: ClassVar[FrozenSet[str]] = frozenset()  # shared Pass computations it uses
     torchscript: ClassVar[bool] = True  # False: needs the model's Python modules (refused on TorchScript)
+    layouts: ClassVar[bool] = False  # True: reads layers only through the Pass, so token and channels-last layers work
     uses_data: ClassVar[bool] = True  # False: generate() once per run instead of per batch
     video: ClassVar[bool] = True  # False: images only; refused (check_layers) on 3D video models
     has_summary: ClassVar[bool] = False  # True: partial/combine/finalize make a run-level summary

@@ -22,6 +22,7 @@ class CAM(Technique):
     family = Family.CAM
     outputs = {"cam": Output(Kind.HEATMAP, "[N, K, (T,) h, w]", doc="a 3D layer's maps resized to the clip")}
     needs = frozenset({ACTS, LAYER_GRADS})
+    layouts = True  # ViT tokens and channels-last layers read as maps (pipeline.layouts)
 
     @dataclass
     class Options:
