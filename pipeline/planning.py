@@ -123,7 +123,7 @@ def choose_layers(cfg, model: LoadedModel, device: torch.device, techniques: Dic
                 if other and not technique.layouts:
                     raise ConfigError(f"{technique.name} reads layers as [N, C, h, w] only, and "
                                       + ", ".join(f"{k} is {v}" for k, v in other.items())
-                                      + "; the CAM family and activations read token and channels-last layers")
+                                      + "; the CAM family, activations and channel_relevance read token and channels-last layers")
                 technique.check_layers(maps)
         for technique in techniques.values():
             technique.check_model(model.module, layers if technique.uses_layers else [])

@@ -75,7 +75,8 @@ def test_gradcam_on_vit_tokens_equals_the_hand_reshape():
     assert hook_count(model) == 0
 
 
-@pytest.mark.parametrize("name", ["gradcam", "ablationcam", "scorecam", "eigencam", "activations"])
+@pytest.mark.parametrize("name", ["gradcam", "ablationcam", "scorecam", "eigencam", "activations",
+                                  "channel_relevance"])
 def test_a_channels_last_layer_gives_the_maps_of_its_nchw_twin(name):
     """`ln` outputs [N, h, w, C]; `back` outputs the same values as [N, C, h, w]: every technique
     must give the same maps on both (Ablation-CAM zeroes the channel axis, wherever it is)."""

@@ -46,6 +46,7 @@ class ChannelRelevance(Technique):
                        "top_values": Output(Kind.DATA, "[classes, t]"),
                        "channels": Output(Kind.DATA, "[C]", "int64", doc="the chosen channels")}
     needs = frozenset({ACTS, LAYER_GRADS})
+    layouts = True  # only the shared pass's maps and gradients: token and channels-last layers work
     video = False
     has_summary = True
 
