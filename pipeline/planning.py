@@ -120,10 +120,12 @@ def choose_layers(cfg, model: LoadedModel, device: torch.device, techniques: Dic
                                         cfg.layout)
             other = {layer: str(layouts[layer]) for layer in layers if layouts[layer].kind != "nchw"}
             for technique in layered:  # every layer as maps [N, C, h, w] (ViT tokens, channels-last: pipeline.layouts)
+                technique.layout, technique.layer_layouts = str(cfg.layout), dict(layouts)
                 if other and not technique.layouts:
                     raise ConfigError(f"{technique.name} reads layers as [N, C, h, w] only, and "
                                       + ", ".join(f"{k} is {v}" for k, v in other.items())
-                                      + "; the CAM family, activations and channel_relevance read token and channels-last layers")
+                                      + "; the CAM family, activations, channel_relevance and dataset_examples read token and "
+                                      "channels-last layers")
                 technique.check_layers(maps)
         for technique in techniques.values():
             technique.check_model(model.module, layers if technique.uses_layers else [])

@@ -1,4 +1,5 @@
 """Token and channels-last layers read as maps without a reshape function (pipeline.layouts)."""
+import numpy as np
 import pytest
 import timm
 import torch
@@ -76,7 +77,7 @@ def test_gradcam_on_vit_tokens_equals_the_hand_reshape():
 
 
 @pytest.mark.parametrize("name", ["gradcam", "ablationcam", "scorecam", "eigencam", "activations",
-                                  "channel_relevance"])
+                                  "channel_relevance", "dataset_examples"])
 def test_a_channels_last_layer_gives_the_maps_of_its_nchw_twin(name):
     """`ln` outputs [N, h, w, C]; `back` outputs the same values as [N, C, h, w]: every technique
     must give the same maps on both (Ablation-CAM zeroes the channel axis, wherever it is)."""
@@ -178,3 +179,21 @@ def test_techniques_that_read_layers_otherwise_refuse_tokens_before_work(make_cf
     with pytest.raises(ConfigError, match="cannot be read as layout=nhwc"):
         run(make_cfg(*VIT, "technique=gradcam", "layout=nhwc"), tmp_path / "nhwc")
     assert not (tmp_path / "erf" / "maps.h5").exists()
+
+
+def test_dataset_examples_on_vit_tokens_keep_whole_input_patches(make_cfg, tmp_path, caplog):
+    """Scores and argmax on the 14 x 14 token grid; tokens have no per-position receptive field,
+    so the patches are the whole inputs (a warning says so), and the run finishes its summary."""
+    from pipeline.runner import run
+    from pipeline.store import open_run
+
+    cfg = make_cfg(*VIT, "technique=dataset_examples", "technique.dataset_examples.channels=0-3",
+                   "technique.dataset_examples.top=2", "data.limit=3", "num_workers=0", "render.png=false")
+    with caplog.at_level("WARNING"):
+        run(cfg, tmp_path / "run")
+    assert "blocks.11.norm1 not [N, C, h, w] (tokens 1+14x14): their patches are whole inputs" in caplog.text
+    with open_run(tmp_path / "run") as r:
+        got = r.summary("dataset_examples")
+        assert got["blocks.11.norm1", "top_ids"].shape == (4, 2)
+        assert (np.asarray(got["blocks.11.norm1", "top_argmax"]) < 14).all()
+        assert got["blocks.11.norm1", "top_patches"].shape[:2] == (4, 2)

@@ -31,7 +31,8 @@ runner calls their `generate()` once per run and stores its arrays under `<techn
 from __future__ import annotations
 
 from dataclasses import dataclass, field, is_dataclass
-from typing import Any, Callable, ClassVar, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple, Type
+from types import MappingProxyType
+from typing import Any, Callable, ClassVar, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Tuple, Type
 
 import numpy as np
 import torch
@@ -273,7 +274,9 @@ class Technique:
     uses_layers: ClassVar[bool] = True  # False: maps live in input space (layer "input")
     needs: ClassVar[FrozenSet[str]] = frozenset()  # shared Pass computations it uses
     torchscript: ClassVar[bool] = True  # False: needs the model's Python modules (refused on TorchScript)
-    layouts: ClassVar[bool] = False  # True: reads layers only through the Pass, so token and channels-last layers work
+    layouts: ClassVar[bool] = False  # True: token and channels-last layers work (read through the Pass, or layout-aware)
+    layout: str = "auto"  # the run's layout setting; planning sets it with layer_layouts, before check_model
+    layer_layouts: Mapping[str, Layout] = MappingProxyType({})  # {layer: Layout} of the chosen layers
     uses_data: ClassVar[bool] = True  # False: generate() once per run instead of per batch
     video: ClassVar[bool] = True  # False: images only; refused (check_layers) on 3D video models
     has_summary: ClassVar[bool] = False  # True: partial/combine/finalize make a run-level summary

@@ -16,6 +16,7 @@ import torch
 
 from pipeline.contracts import Family, Kind, Output, Paper
 from pipeline.hooks import capture, forward
+from pipeline.layouts import NCHW
 from pipeline.rf import GraphError
 from pipeline.summaries import add, keep, select
 from pipeline.techniques.base import ACTS, Technique, register
@@ -37,6 +38,7 @@ class DatasetExamples(TracesFields, Technique):
     ones when asked; a histogram over fixed edges and quantiles of the scores; the count."""
 
     family = Family.ACTIVATIONS
+    layouts = True  # token / channels-last layers: scores from the Pass's maps, whole-input (or erf) patches
     paper = Paper("Zeiler & Fergus 2014", "https://arxiv.org/abs/1311.2901")
     outputs = {"score": Output(Kind.DATA, "[N, C]", doc="each chosen channel's score"),
                "argmax": Output(Kind.DATA, "[N, C, 2]", "int64", doc="(y, x) of the channel's largest unit")}
@@ -93,10 +95,21 @@ class DatasetExamples(TracesFields, Technique):
         """The theoretical receptive field of each layer (for the patches), from the model."""
         self._model = model
         self.fields = {layer: np.full((2, 3), -1.0) for layer in layers}
+        other = [layer for layer in layers if self.layer_layouts.get(layer, NCHW).kind != "nchw"]
+        if other:  # the receptive-field table is per [N, C, h, w] element; tokens mix every position
+            log.warning("dataset_examples: %s not [N, C, h, w] (%s): their patches are whole inputs", ", ".join(other),
+                        ", ".join(str(self.layer_layouts[layer]) for layer in other))
+        plain = [layer for layer in layers if layer not in other]
+        if not plain:
+            return
         try:
-            supports, _ = self.layer_supports(model, layers)
+            supports, _ = self.layer_supports(model, plain)
         except GraphError as err:
             log.warning("dataset_examples: no receptive fields, patches are whole inputs (%s)", err)
+            return
+        except Exception as err:  # noqa: BLE001 - a model the tracer cannot run: whole-input patches too
+            log.warning("dataset_examples: the graph could not be traced, patches are whole inputs (%s: %s)",
+                        type(err).__name__, err)
             return
         for layer, s in supports.items():
             self.fields[layer] = np.array([[f.start, f.jump, f.size] for f in s.fields[-2:]], dtype=np.float64)
@@ -168,7 +181,7 @@ class DatasetExamples(TracesFields, Technique):
         them (the rows of a batch are independent in eval mode)."""
         model = self._loaded.module if self._loaded is not None else self._model
         xs = x.detach().requires_grad_(True)
-        with torch.enable_grad(), capture(model, [layer], grad=True, stop=True) as acts:
+        with torch.enable_grad(), capture(model, [layer], grad=True, stop=True, layout=self.layout) as acts:
             forward(model, xs)
         a = acts[layer]
         rows = [u[0] for u in units]
