@@ -38,8 +38,6 @@ def layer_table(cfg: DictConfig) -> str:
         note = "receptive field in input pixels: size, jump (stride), centre of element 0"
     except GraphError as err:
         fields, note = {}, f"no receptive fields: {err}"
-    except Exception as err:  # noqa: BLE001 - a model the tracer cannot run (a ViT's attention): listed without
-        fields, note = {}, f"no receptive fields (the graph could not be traced: {type(err).__name__}: {err})"
     lines = [f"# {model.description}, input {list(example.shape)}; {note}",
              f"{'layer':<{width}}  {'type':<24}  {'output':<22}  {'as maps':<18}  {'rf':>7}  {'jump':>5}  centre"]
     for name, module in modules.items():

@@ -197,3 +197,14 @@ def test_dataset_examples_on_vit_tokens_keep_whole_input_patches(make_cfg, tmp_p
         assert got["blocks.11.norm1", "top_ids"].shape == (4, 2)
         assert (np.asarray(got["blocks.11.norm1", "top_argmax"]) < 14).all()
         assert got["blocks.11.norm1", "top_patches"].shape[:2] == (4, 2)
+
+
+def test_a_traced_graph_that_cannot_run_is_a_graph_error():
+    """timm's ViT traces, but its traced SDPA call cannot run (is_causal left a proxy): the
+    receptive-field machinery says so as a GraphError, which every caller already handles
+    (no receptive fields in the listing, whole-input patches, a refusal), not a TypeError."""
+    from pipeline.rf import GraphError
+    from pipeline.rf.graph import SupportGraph
+
+    with pytest.raises(GraphError, match="cannot run node scaled_dot_product_attention"):
+        SupportGraph(tiny_vit(), torch.zeros(1, 3, 32, 32))

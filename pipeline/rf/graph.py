@@ -91,7 +91,11 @@ class SupportGraph:
             elif node.op == "output":
                 break
             else:
-                value = interp.run_node(node)
+                try:
+                    value = interp.run_node(node)
+                except Exception as err:  # noqa: BLE001 - a traced graph that cannot run (a ViT's SDPA call)
+                    raise GraphError(f"the traced graph of {type(self.model).__name__} cannot run node {node.name} "
+                                     f"(in {_where(node)}): {type(err).__name__}: {err}") from None
             env[node] = value
             self.meta[node] = map_aggregate(value, lambda v: torch.Size(v.shape) if torch.is_tensor(v) else v)
 

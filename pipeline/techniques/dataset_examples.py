@@ -107,10 +107,6 @@ class DatasetExamples(TracesFields, Technique):
         except GraphError as err:
             log.warning("dataset_examples: no receptive fields, patches are whole inputs (%s)", err)
             return
-        except Exception as err:  # noqa: BLE001 - a model the tracer cannot run: whole-input patches too
-            log.warning("dataset_examples: the graph could not be traced, patches are whole inputs (%s: %s)",
-                        type(err).__name__, err)
-            return
         for layer, s in supports.items():
             self.fields[layer] = np.array([[f.start, f.jump, f.size] for f in s.fields[-2:]], dtype=np.float64)
 
