@@ -246,6 +246,7 @@ def validate(cfg: Any) -> None:
     model.kind or data.kind lists the registered ones)."""
     from pipeline.data import get_source
     from pipeline.families import get_family
+    from pipeline.layouts import LAYOUTS
 
     get_family(cfg.model.kind)
     get_source(cfg.data.kind)
@@ -257,8 +258,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"max_batch={cfg.max_batch} must be at least 1")
     if cfg.num_workers < 0:
         raise ConfigError(f"num_workers={cfg.num_workers} must be 0 or more")
-    if cfg.layout not in ("auto", "nchw", "nhwc", "tokens"):  # pipeline.layouts.LAYOUTS
-        raise ConfigError(f"layout={cfg.layout!r}: expected auto, nchw, nhwc or tokens")
+    if cfg.layout not in LAYOUTS:
+        raise ConfigError(f"layout={cfg.layout!r}: expected {', '.join(LAYOUTS[:-1])} or {LAYOUTS[-1]}")
     if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", cfg.device):
         raise ConfigError(f"device={cfg.device!r}: expected auto, cpu, cuda or cuda:N")
     _check_ranges(cfg)

@@ -137,12 +137,10 @@ def _nhwc(shape: Tuple[int, ...], size: Tuple[int, int]) -> bool:
     return len(shape) == 4 and _follows(shape[1], shape[2], size) and not _follows(shape[2], shape[3], size)
 
 
-def read_shapes(model: nn.Module, shapes, size: Tuple[int, int], layers: Optional[Sequence[str]] = None,
-                override: str = "auto"):
-    """({layer: Layout}, {layer: shape as maps}) for probed `shapes` ({layer: [1, ...] or None}):
-    `override` applies to `layers` (every layer when None), the others are read with auto."""
-    chosen = set(shapes if layers is None else layers)
-    layouts = {name: detect(shape, size, model, override if name in chosen else "auto") for name, shape in shapes.items()}
+def read_shapes(model: nn.Module, shapes, size: Tuple[int, int], override: str = "auto"):
+    """({layer: Layout}, {layer: shape as maps}) for probed `shapes` ({layer: [1, ...] or None}),
+    every layer read with `override`."""
+    layouts = {name: detect(shape, size, model, override) for name, shape in shapes.items()}
     maps = {name: (layouts[name].map_shape(shape) if shape is not None else None) for name, shape in shapes.items()}
     return layouts, maps
 

@@ -116,8 +116,7 @@ def choose_layers(cfg, model: LoadedModel, device: torch.device, techniques: Dic
             shapes = probe_shapes(model.module, example)
             size = tuple(example.shape[-2:])
             layers = resolve_layers(model.module, cfg.layers) if cfg.layers else [default_layer(model.module, shapes, size)]
-            layouts, maps = read_shapes(model.module, {layer: shapes.get(layer) for layer in layers}, size, None,
-                                        cfg.layout)
+            layouts, maps = read_shapes(model.module, {layer: shapes.get(layer) for layer in layers}, size, cfg.layout)
             other = {layer: str(layouts[layer]) for layer in layers if layouts[layer].kind != "nchw"}
             for technique in layered:  # every layer as maps [N, C, h, w] (ViT tokens, channels-last: pipeline.layouts)
                 technique.layout, technique.layer_layouts = str(cfg.layout), dict(layouts)

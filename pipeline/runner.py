@@ -291,10 +291,10 @@ def _skip(writer: AsyncWriter, records: list, count: Count) -> None:
 
 
 def _evaluate(p: Plan, x, maps, targets, ids, progress: Optional[BatchProgress] = None, slot: int = 0,
-              logits=None) -> dict:
+              probs=None) -> dict:
     """Extra columns from `evaluate.*`: deletion / insertion curves, ROAD, confidence, sparseness,
-    pointing and sanity correlations. `logits` [N, classes]: the batch's own forward, so the
-    confidence metrics need no second one."""
+    pointing and sanity correlations. `probs` [N, K]: the targets' probabilities from the batch's
+    own forward, so the confidence metrics need no second one."""
     ev, out = p.cfg.evaluate, {}
     hm = heatmaps(p.techniques, maps)
     kinds = [k for k, on in (("deletion", ev.deletion), ("insertion", ev.insertion)) if on]
@@ -315,7 +315,6 @@ def _evaluate(p: Plan, x, maps, targets, ids, progress: Optional[BatchProgress] 
                               p.cfg.seed, ids, progress.slot(slot) if progress else NO_PROGRESS))
             slot += 1
         if ev.confidence:
-            probs = logits.float().softmax(1).gather(1, targets) if logits is not None else None
             extra.update(confidence(p.model.module, x, m, targets, p.cfg.max_batch, probs,
                                     progress=progress.slot(slot) if progress else NO_PROGRESS))
             slot += 1
@@ -358,10 +357,10 @@ def _compute(p: Plan, batch, progress: Optional[BatchProgress] = None) -> BatchR
         if progress:
             progress.reach(i + 1)
     targets = shared.targets
-    maps.update(_evaluate(p, x, maps, targets, ids, progress, len(techniques), logits=shared.logits))
-    maps = {key: tensor.cpu().numpy() for key, tensor in maps.items()}
     logits = shared.logits.float()
-    probs = logits.softmax(1).gather(1, targets)
+    probs = logits.softmax(1).gather(1, targets)  # [N, K]
+    maps.update(_evaluate(p, x, maps, targets, ids, progress, len(techniques), probs=probs))
+    maps = {key: tensor.cpu().numpy() for key, tensor in maps.items()}
     return BatchRecord(
         items=batch.items, display=batch.display,
         targets=targets.cpu().numpy(), scores=probs.cpu().numpy(),
