@@ -16,7 +16,7 @@ from pipeline.evaluation import SanityCheck
 from pipeline.layouts import read_shapes
 from pipeline.models import LoadedModel, default_layer, probe_shapes, resolve_layers
 from pipeline.targets import TargetSpec
-from pipeline.techniques import Technique, get_technique
+from pipeline.techniques import REGISTRY, Technique, get_technique
 
 log = logging.getLogger("pipeline")
 
@@ -123,8 +123,8 @@ def choose_layers(cfg, model: LoadedModel, device: torch.device, techniques: Dic
                 if other and not technique.layouts:
                     raise ConfigError(f"{technique.name} reads layers as [N, C, h, w] only, and "
                                       + ", ".join(f"{k} is {v}" for k, v in other.items())
-                                      + "; the CAM family, activations, channel_relevance and dataset_examples read token and "
-                                      "channels-last layers")
+                                      + "; these techniques read token and channels-last layers: "
+                                      + ", ".join(sorted(n for n, cls in REGISTRY.items() if cls.layouts)))
                 technique.check_layers(maps)
         for technique in techniques.values():
             technique.check_model(model.module, layers if technique.uses_layers else [])

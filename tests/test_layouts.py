@@ -208,3 +208,39 @@ def test_a_traced_graph_that_cannot_run_is_a_graph_error():
 
     with pytest.raises(GraphError, match="cannot run node scaled_dot_product_attention"):
         SupportGraph(tiny_vit(), torch.zeros(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("objective", ["channel", "neuron"])
+def test_filter_vis_on_a_channels_last_layer_equals_its_nchw_twin(objective):
+    """The objective reads `ln` ([N, h, w, C]) as maps: the images and objectives equal those for
+    `back` (the same values as [N, C, h, w]), for the mean over positions and the centre neuron.
+    Random starts and warps are keyed by the layer's name, so both start grey and are not warped."""
+    model = ChannelsLast().eval()
+    technique = get_technique("filter_vis")(channels="0-3", size=16, steps=3, objective=objective, init_sd=0.0,
+                                            jitter=0, scales=[1.0], degrees=[0.0])
+    made = {layer: technique.generate(model, [layer], device=torch.device("cpu"),
+                                      generator=torch.Generator().manual_seed(0), max_batch=4)
+            for layer in ("ln", "back")}
+    torch.testing.assert_close(made["ln"]["ln", "objective"], made["back"]["back", "objective"], rtol=1e-5, atol=1e-6)
+    assert (made["ln"]["ln", "images"].int() - made["back"]["back", "images"].int()).abs().max() <= 1
+    assert hook_count(model) == 0
+
+
+def test_top_activated_on_vit_tokens_end_to_end(make_cfg, tmp_path):
+    """The top channels of the token grid and their filter images, optimized through the same
+    token reading at the ViT's own input size; a size the ViT cannot take is refused before work."""
+    from pipeline.config import ConfigError
+    from pipeline.runner import run
+    from pipeline.store import open_run
+
+    common = [*VIT, "technique=top_activated", "technique.top_activated.top=2", "technique.top_activated.steps=2",
+              f"technique.top_activated.cache_dir={tmp_path / 'cache'}", "data.limit=2", "num_workers=0"]
+    with pytest.raises(ConfigError, match="top_activated: the model cannot take 64 x 64 images up to blocks.11.norm1"):
+        run(make_cfg(*common), tmp_path / "small")
+    assert not (tmp_path / "small" / "maps.h5").exists()
+    run(make_cfg(*common, "technique.top_activated.size=224"), tmp_path / "run")
+    with open_run(tmp_path / "run") as r:
+        got = r.maps("top_activated")
+        channels, images = np.asarray(got["blocks.11.norm1", "channels"]), np.asarray(got["blocks.11.norm1", "images"])
+    assert channels.shape == (2, 2) and (channels < 192).all() and images.shape == (2, 2, 3, 224, 224)
+    assert len(list((tmp_path / "cache").rglob("*.png"))) == len(np.unique(channels))

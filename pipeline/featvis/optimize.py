@@ -65,13 +65,14 @@ def normalize(image: torch.Tensor, preprocess) -> torch.Tensor:
 def optimize(model: nn.Module, objective: Objective, param: P.Param, *, steps: int, lr: float,
              transform: Optional[Transform] = None, generators: Sequence[torch.Generator] = (),
              preprocess=None, track: Optional[Objective] = None,
-             progress: Progress = NO_PROGRESS) -> Tuple[torch.Tensor, torch.Tensor]:
+             progress: Progress = NO_PROGRESS, layout: str = "nchw") -> Tuple[torch.Tensor, torch.Tensor]:
     """Maximize `objective` (summed over rows) with Adam on `param` = (params, image_fn).
 
     `transform` runs on each row with that row's generator (generators[b]) before the model sees
     (pixel - mean) / std. Returns the final image [B, 3, H, W] in [0, 1] (detached) and the tracked
     objective (default: `objective`) at each step [B, steps], evaluated before that step's update.
     `progress.step(B)` after every step (B rows x steps units in all; the caller announces them).
+    `layout`: how the objective's layers are read as maps [N, C, h, w] (pipeline.hooks.capture).
     """
     tensors, image_fn = param
     opt = torch.optim.Adam(tensors, lr=lr)
@@ -79,7 +80,7 @@ def optimize(model: nn.Module, objective: Objective, param: P.Param, *, steps: i
     layers = list(dict.fromkeys(objective.layers + track.layers))
     stop = bool(layers) and not (objective.needs_logits or track.needs_logits)  # skip the layers after
     history = []
-    with torch.enable_grad(), capture(model, layers, grad=True, stop=stop) as acts:
+    with torch.enable_grad(), capture(model, layers, grad=True, stop=stop, layout=layout) as acts:
         for _ in range(steps):
             image = image_fn()  # [B, 3, H, W]
             seen = image
@@ -113,7 +114,7 @@ def visualize(model: nn.Module, objective: Objective, *, batch: int, generators:
               init_sd: float = 0.01, transform: Optional[Transform] = None, preprocess=None,
               upscalings: int = 0, upscale_factor: float = 1.2, blur: int = 0,
               track: Optional[Objective] = None,
-              progress: Progress = NO_PROGRESS) -> Tuple[torch.Tensor, torch.Tensor]:
+              progress: Progress = NO_PROGRESS, layout: str = "nchw") -> Tuple[torch.Tensor, torch.Tensor]:
     """Initialize `param` (row b from generators[b]), optimize `steps` steps, then `upscalings` times:
     upscale by `upscale_factor` (bicubic), box-blur, re-parameterize and optimize `steps` more.
     Returns images uint8 [B, 3, S, S] and the objective per step [B, steps * (upscalings + 1)].
@@ -127,6 +128,7 @@ def visualize(model: nn.Module, objective: Objective, *, batch: int, generators:
             image = F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False)
             current = P.from_image(param, box_blur(image.clamp(0, 1), blur), decorrelate)
         image, history = optimize(model, objective, current, steps=steps, lr=lr, transform=transform,
-                                  generators=generators, preprocess=preprocess, track=track, progress=progress)
+                                  generators=generators, preprocess=preprocess, track=track, progress=progress,
+                                  layout=layout)
         histories.append(history)
     return to_uint8(image), torch.cat(histories, 1)

@@ -10,7 +10,7 @@ import torch
 from pipeline.contracts import Family, Kind, Output, Paper
 from pipeline.featvis import PRESETS, base_seed, objectives, row_generators, transforms, visualize, with_preset
 from pipeline.featvis.optimize import normalize
-from pipeline.hooks import capture
+from pipeline.hooks import capture, forward
 from pipeline.progress import NO_PROGRESS, Progress
 from pipeline.techniques.base import Technique, chunks, register
 
@@ -42,11 +42,26 @@ def make_transform(jitter: int, scales, degrees):
                               transforms.random_rotate(list(degrees)))
 
 
-def layer_channels(model, layers, size: int, device, preprocess) -> dict:
-    """{layer: channel count} from one forward of a grey image."""
-    with torch.no_grad(), capture(model, layers) as acts:
-        model(normalize(torch.full((1, 3, size, size), 0.5, device=device), preprocess))
+def layer_channels(model, layers, size: int, device, preprocess, layout: str = "nchw") -> dict:
+    """{layer: channel count} from one forward of a grey image (the layers read as maps by `layout`)."""
+    with torch.no_grad(), capture(model, layers, stop=True, layout=layout) as acts:
+        forward(model, normalize(torch.full((1, 3, size, size), 0.5, device=device), preprocess))
     return {layer: acts[layer].shape[1] for layer in layers}
+
+
+def check_size(name: str, model, layers, size: int, layout: str) -> None:
+    """Refuse before work a model that cannot take size x size images up to `layers` (a ViT built
+    for one input size), naming the size it was probed at."""
+    try:
+        device = next(iter(model.parameters())).device
+    except StopIteration:
+        device = torch.device("cpu")
+    try:
+        layer_channels(model, layers, size, device, None, layout)
+    except (RuntimeError, AssertionError, ValueError) as err:
+        raise ValueError(f"{name}: the model cannot take {size} x {size} images up to {', '.join(layers)} "
+                         f"({type(err).__name__}: {err}); set its `size` to an input size the model takes "
+                         "(a ViT: the size it was built for, e.g. 224)") from None
 
 
 @register("filter_vis")
@@ -65,6 +80,7 @@ class FilterVis(Technique):
                "objective": Output(Kind.DATA, "[M, steps]", doc="the activation at each step"),
                "label": Output(Kind.DATA, "[M]", "str", doc="the tile titles")}
     uses_data = False
+    layouts = True  # ViT tokens and channels-last layers: the objective reads them as maps (pipeline.layouts)
 
     @dataclass
     class Options:
@@ -103,10 +119,13 @@ class FilterVis(Technique):
         for shape in shapes.values():
             parse_channels(self.options.channels, shape[1])
 
+    def check_model(self, model, layers):
+        check_size(self.name, model, layers, self.options.size, self.layout)
+
     def generate(self, model, layers, *, device, generator, max_batch, class_names=None, preprocess=None,
                  progress: Progress = NO_PROGRESS):
         o = self.options
-        counts = layer_channels(model, layers, o.size, device, preprocess)
+        counts = layer_channels(model, layers, o.size, device, preprocess, self.layout)
         transform = make_transform(o.jitter, o.scales, o.degrees)
         pick = objectives.channel if o.objective == "channel" else objectives.neuron
         out = {}
@@ -124,7 +143,7 @@ class FilterVis(Technique):
                                       size=o.size, steps=o.steps, lr=o.lr, param=o.param,
                                       decorrelate=o.decorrelate, init_sd=o.init_sd, transform=transform, preprocess=preprocess,
                                       upscalings=o.upscalings, upscale_factor=o.upscale_factor,
-                                      blur=o.blur, track=main, progress=progress)
+                                      blur=o.blur, track=main, progress=progress, layout=self.layout)
                 images.append(img)
                 history.append(hist)
             out[layer, "images"] = torch.cat(images)  # [M, 3, S, S] uint8

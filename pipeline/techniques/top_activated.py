@@ -15,7 +15,7 @@ import torch
 from pipeline.contracts import Family, Kind, Output
 from pipeline.io.render import write_png
 from pipeline.techniques.base import ACTS, Technique, register
-from pipeline.techniques.filter_vis import FilterVis
+from pipeline.techniques.filter_vis import FilterVis, check_size
 
 
 def cache_root(cache_dir: Optional[str]) -> Path:
@@ -47,6 +47,7 @@ class TopActivated(Technique):
                "images": Output(Kind.TILES, "[N, top, 3, S, S]", "uint8", doc="the channels' filter_vis images")}
     needs = frozenset({ACTS})
     video = False
+    layouts = True  # token and channels-last layers: channels of the maps, filter images through the same reading
 
     @dataclass
     class Options:
@@ -60,6 +61,9 @@ class TopActivated(Technique):
         def __post_init__(self):
             if self.top < 1 or self.size < 8 or self.steps < 1:
                 raise ValueError("top_activated: top >= 1, size >= 8 and steps >= 1")
+
+    def check_model(self, model, layers):
+        check_size(self.name, model, layers, self.options.size, self.layout)
 
     def setup(self, model):
         self.preprocess = model.preprocess
@@ -75,6 +79,8 @@ class TopActivated(Technique):
             weights.update(name.encode())
             weights.update(tensor.detach().cpu().numpy().tobytes())
         settings = {k: v for k, v in asdict(self.options).items() if k not in ("top", "cache_dir")}
+        if self.layout != "auto":  # a forced reading may give other channels (auto's images stay valid)
+            settings["layout"] = self.layout
         key = hashlib.sha1(json.dumps([weights.hexdigest(), layer, settings, seed], sort_keys=True).encode()).hexdigest()
         return cache_root(self.options.cache_dir) / key[:20] / layer
 
@@ -92,7 +98,9 @@ class TopActivated(Technique):
             if missing:
                 # seeded like the run's filter_vis: a channel's image depends on seed, layer, channel only
                 generator = torch.Generator(device=p.x.device).manual_seed(p.seed)
-                made = FilterVis(channels=",".join(map(str, missing)), **settings).generate(
+                maker = FilterVis(channels=",".join(map(str, missing)), **settings)
+                maker.layout = self.layout
+                made = maker.generate(
                     p.model, [layer], device=p.x.device, generator=generator, max_batch=p.max_batch,
                     preprocess=getattr(self, "preprocess", None))
                 for c, image in zip(made[layer, "index"].tolist(), made[layer, "images"].cpu().numpy()):
