@@ -171,7 +171,8 @@ def test_masked_forwards_are_batched_up_to_max_batch_with_the_same_maps(name):
     maps = {}
     for max_batch, top in [(1, None), (5, None), (64, None), (5, 3)]:
         model = CountForwards(tiny_net()).eval()
-        result = make(name, top_channels=top).attribute(model, x, ["net.relu1"], target, max_batch=max_batch)
+        options = {"tail": False} if name == "ablationcam" else {}  # whole forwards (the tail: below)
+        result = make(name, top_channels=top, **options).attribute(model, x, ["net.relu1"], target, max_batch=max_batch)
         rows = 2 * (top or 8)  # N * channels: both targets read off each row's logits
         assert len(model.sizes) == 1 + math.ceil(rows / max_batch)  # the activations' forward, then rows
         assert sum(model.sizes[1:]) == rows and max(model.sizes[1:]) <= max_batch
@@ -180,6 +181,63 @@ def test_masked_forwards_are_batched_up_to_max_batch_with_the_same_maps(name):
     torch.testing.assert_close(maps[1, None], maps[64, None])
     torch.testing.assert_close(maps[5, None], maps[64, None])
     assert not torch.allclose(maps[5, 3], maps[64, None])  # fewer channels, another map
+
+
+class Residual(nn.Module):
+    """conv -> [block: conv, bn, relu (the layer), conv, + block input] -> pool -> fc; the residual
+    from before the layer is reused after it."""
+
+    def __init__(self, mix: str = "add"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.conv, self.bn = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.relu, self.out = nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(12 if mix == "cat" else 6, 4)
+        self.mix = mix
+        nn.init.uniform_(self.bn.running_mean, -0.1, 0.1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        y = self.out(self.relu(self.bn(self.conv(h))))
+        if self.mix == "cat":  # a concatenation with the block input: a grown batch cannot broadcast
+            y = torch.cat([y, h], 1)
+        elif self.mix == "batch":  # subtracts the batch mean: a grown batch runs but changes every row
+            y = y + h - y.mean(0, keepdim=True)
+        else:
+            y = y + h
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mix", ["add", "cat", "batch"])
+@pytest.mark.parametrize("max_batch", [1, 3, 64])
+def test_ablation_on_the_tail_equals_whole_forwards(mix, max_batch, caplog):
+    """tail=true runs the layers before `relu` once per input and chunk (batch 1) and only the rest
+    on the grown batch; where the rest cannot take it (a concatenation raises, a batch mean gives
+    other logits for the unablated copy) it falls back to whole forwards. Same maps every way."""
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    target = TargetSpec.parse("topk:2")
+    maps, sizes = {}, {}
+    for tail in (True, False):
+        model = CountForwards(Residual(mix)).eval()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        grown = []
+        handle = model.net.out.register_forward_hook(lambda m, i, o: grown.append(o.shape[0]))
+        with caplog.at_level("INFO", logger="pipeline.techniques.ablationcam"):
+            result = make("ablationcam", tail=tail).attribute(model, x, ["net.relu"], target, max_batch=max_batch)
+        handle.remove()
+        maps[tail], sizes[tail] = result.maps["net.relu", "cam"], (model.sizes[1:], grown[1:])
+        assert hook_count(model) == 0 and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        assert max(sizes[tail][1]) <= max_batch
+    torch.testing.assert_close(maps[True], maps[False], rtol=1e-4, atol=1e-5)  # (y - y_c) / y in float32
+    assert float(maps[False].abs().sum()) > 0
+    inputs, grown = sizes[True]
+    if mix == "add" or (mix == "cat" and max_batch == 1):  # every model call is one input; one copy at a time, a concatenation works too
+        assert set(inputs) == {1} and sum(grown) == 3 * 6 + 1 and "whole forwards" not in caplog.text
+        first = min(6, max_batch - 1)  # input 0's first forward: the check copy and `first` channels
+        assert len(inputs) == 1 + math.ceil((6 - first) / max_batch) + 2 * math.ceil(6 / max_batch)
+    else:
+        assert "whole forwards per ablated copy" in caplog.text
+        assert inputs[-1] > 1 or max_batch == 1  # the fallback's whole forwards
 
 
 def test_ablation_hook_is_removed_when_the_model_raises_in_a_masked_forward():

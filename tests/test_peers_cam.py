@@ -59,3 +59,21 @@ def test_gradcam_equals_pytorch_grad_cam_with_its_reshape_transform(name, layer,
         r = np.corrcoef(mine[n].ravel(), theirs[n].ravel())[0, 1]
         assert r >= 0.999, (name, layer, n, r)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_ablationcam_on_the_tail_equals_pytorch_grad_cam():
+    """Ablation-CAM at a ResNet-18 stage (after a ReLU, so both zero a channel; layer3, 256 channels,
+    to keep the peer's whole forwards short): our tail forwards against pytorch-grad-cam's
+    AblationCAM (whole forwards with its AblationLayer in place of the stage)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    ours = get_technique("ablationcam")().attribute(model, x, ["layer3"], TargetSpec.parse("pred"), max_batch=64)
+    mine = unit_maps(ours.maps["layer3", "cam"], (64, 64))[:, 0].numpy()
+    targets = [ClassifierOutputTarget(int(c)) for c in ours.targets[:, 0]]
+    with grad_cam.AblationCAM(model=model, target_layers=[model.layer3]) as cam:
+        theirs = cam(input_tensor=x, targets=targets)
+    assert mine[0].std() > 0 and theirs[0].std() > 0
+    assert np.corrcoef(mine[0].ravel(), theirs[0].ravel())[0, 1] >= 0.999

@@ -2,6 +2,7 @@
 https://openaccess.thecvf.com/content_WACV_2020/html/Desai_Ablation-CAM_Visual_Explanations_for_Deep_Convolutional_Network_via_Gradient-free_Localization_WACV_2020_paper.html)."""
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -12,9 +13,11 @@ from torch import nn
 
 from pipeline.contracts import Paper
 from pipeline.layouts import NCHW, Layout
-from pipeline.techniques.base import register
+from pipeline.techniques.base import chunks, register
 from pipeline.techniques.gradcam import CAM
-from pipeline.techniques.scorecam import ForwardCAM, channel_scores, weighted_sum
+from pipeline.techniques.scorecam import ForwardCAM, channel_scores, top_kept, weighted_sum
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -36,11 +39,82 @@ def zero_channels(module: nn.Module, layout: Layout = NCHW) -> Iterator[SimpleNa
         handle.remove()
 
 
+@contextmanager
+def grow_at(module: nn.Module, layout: Layout = NCHW) -> Iterator[SimpleNamespace]:
+    """While open, a forward of ONE input grows the batch at `module`: its output [1, ...] is handed
+    on as m copies, copy i with channel `state.channels[i]` zeroed (-1: none), so the layers before
+    run once and only the network after the module runs m rows. Tensors from before the module
+    that the rest of the network reuses (a residual) keep batch 1 and broadcast, which is exact for
+    elementwise use; anything else raises or is caught by the caller's check. Set
+    `state.channels` [m] (long) before each forward; the hook is removed in finally."""
+    state = SimpleNamespace(channels=None)
+
+    def hook(mod, inputs, out):
+        m = len(state.channels)
+        if out.shape[0] != 1:
+            raise RuntimeError(f"grow_at expects one input, the layer output has batch {out.shape[0]}")
+        big = out.expand(m, *out.shape[1:])
+        maps = layout.to_maps(big).clone()  # [m, C, h, w]
+        rows = (state.channels >= 0).nonzero()[:, 0]
+        maps[rows, state.channels[rows]] = 0
+        return layout.from_maps(maps, big)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield state
+    finally:
+        handle.remove()
+
+
+def tail_jobs(N: int, Ck: int, max_batch: int):
+    """[(input n, slice of its kept channels, carries the check copy)] covering every (n, channel)
+    once, at most max_batch grown rows per forward; the first forward carries the unablated copy
+    (alone when max_batch is 1)."""
+    first = min(Ck, max_batch - 1)
+    jobs = [(0, slice(0, first), True)]
+    jobs += [(0, slice(first + s.start, first + s.stop), False) for s in chunks(Ck - first, max_batch)]
+    return jobs + [(n, s, False) for n in range(1, N) for s in chunks(Ck, max_batch)]
+
+
+def tail_scores(p, layer: str, kept: torch.Tensor) -> Optional[torch.Tensor]:
+    """Target logits [N, K, C'] with channel kept[n, j] of `layer` zeroed for input n, computed by
+    running the layers before `layer` once per input and chunk and the rest of the network on
+    max_batch ablated copies (grow_at), or None when this model's tail cannot take a batch grown
+    at the layer: the first chunk carries one unablated copy, which must reproduce the input's
+    logits (else the caller runs whole forwards)."""
+    N, Ck = kept.shape
+    K = p.targets.shape[1]
+    scores = torch.empty(N, K, Ck, device=p.x.device)
+    clean = p.logits.float()
+    p.progress.add(N * Ck)
+    with torch.no_grad(), grow_at(p.model.get_submodule(layer), p.layout_of(layer)) as grown:
+        for n, s, check in tail_jobs(N, Ck, p.max_batch):
+            channels = kept[n, s]
+            grown.channels = torch.cat([channels.new_full((1,), -1), channels]) if check else channels
+            try:
+                logits = p.model(p.x[n:n + 1]).float()
+            except RuntimeError as err:  # e.g. a concatenation with a tensor from before the layer
+                log.info("ablationcam: %s: whole forwards per ablated copy (the network after the "
+                         "layer does not take a grown batch: %s)", layer, err)
+                return None
+            if logits.shape[0] != len(grown.channels) or (
+                    check and not torch.allclose(logits[0], clean[n], rtol=1e-4, atol=1e-4 * float(clean[n].abs().max()))):
+                log.info("ablationcam: %s: whole forwards per ablated copy (an unablated copy grown "
+                         "at the layer did not reproduce the logits)", layer)
+                return None
+            logits = logits[1:] if check else logits
+            scores[n, :, s] = logits[:, p.targets[n]].t()
+            p.progress.step(len(channels))
+    return scores
+
+
 @register("ablationcam")
 class AblationCAM(ForwardCAM):
     """Channel weight = (y - y_c) / y, y the target logit and y_c the logit with channel c of the
-    layer zeroed (the model re-run with a hook, max_batch (input, channel) rows per forward).
-    Returns cam [N, K, *S]."""
+    layer zeroed. With `tail` (default) only the network after the layer runs for the ablated
+    copies (max_batch per forward, the layers before once per input and chunk: tail_scores), checked
+    on an unablated copy; otherwise, or where that check fails, the whole model re-runs with a hook,
+    max_batch (input, channel) rows per forward. Returns cam [N, K, *S]."""
 
     paper = Paper("Desai & Ramaswamy 2020",
                   "https://openaccess.thecvf.com/content_WACV_2020/html/Desai_Ablation-CAM_Visual_Explanations_for_Deep_Convolutional_Network_via_Gradient-free_Localization_WACV_2020_paper.html")
@@ -48,6 +122,7 @@ class AblationCAM(ForwardCAM):
     @dataclass
     class Options(CAM.Options):
         top_channels: Optional[int] = None  # ablate only the channels of highest mean activation (null: all)
+        tail: bool = True  # run only the network after the layer for the ablated copies (checked)
 
         def __post_init__(self):
             if self.top_channels is not None and self.top_channels < 1:
@@ -55,6 +130,11 @@ class AblationCAM(ForwardCAM):
 
     def layer_cam(self, p, layer, acts):
         y = p.logits.gather(1, p.targets)[..., None]  # [N, K, 1]
+        if self.options.tail:
+            kept = top_kept(acts, self.options.top_channels)
+            scores = tail_scores(p, layer, kept)
+            if scores is not None:
+                return weighted_sum(acts, (y - scores) / torch.where(y != 0, y, torch.ones_like(y)), kept)
         with zero_channels(p.model.get_submodule(layer), p.layout_of(layer)) as zeroed:
             def rows(n, c):
                 zeroed.channels = c

@@ -33,13 +33,19 @@ def channel_scores(p: Pass, acts: torch.Tensor, top: Optional[int],
     max_batch at a time (bounded memory), so M = N*C' rows cost ceil(M / max_batch) forwards,
     whatever the number of targets. Returns scores [N, K, C'] and kept channel ids [N, C'].
     """
-    N, C = acts.shape[:2]
-    kept = acts.flatten(2).mean(2).topk(min(top or C, C), dim=1).indices  # [N, C']
+    N = acts.shape[0]
+    kept = top_kept(acts, top)  # [N, C']
     Ck = kept.shape[1]
     scores = torch.empty(N * Ck, p.targets.shape[1], device=acts.device)  # row r = n * C' + j
     for r, logits in p.rows_logits(N * Ck, lambda r: inputs(r // Ck, kept[r // Ck, r % Ck])):
         scores[r] = logits.gather(1, p.targets[r // Ck]).to(scores.dtype)
     return scores.view(N, Ck, -1).transpose(1, 2), kept
+
+
+def top_kept(acts: torch.Tensor, top: Optional[int]) -> torch.Tensor:
+    """acts [N, C, *S] -> ids [N, C'] of the `top` channels of highest mean activation (all: None)."""
+    C = acts.shape[1]
+    return acts.flatten(2).mean(2).topk(min(top or C, C), dim=1).indices
 
 
 def weighted_sum(acts: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
