@@ -119,11 +119,14 @@ class Config:
     seed: int = 0
     num_workers: int = 2
     keep_freed_memory: bool = True  # glibc keeps freed memory for the next batch (pipeline/allocator.py)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast for the per-input techniques and metrics (pipeline/precision.py)
+    pin_memory: Optional[bool] = None  # page-locked batches for asynchronous copies to the GPU (null: when on CUDA)
     render: RenderConfig = field(default_factory=RenderConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
 _TOPK = re.compile(r"^topk:[1-9]\d*$")
 
 
@@ -260,6 +263,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"num_workers={cfg.num_workers} must be 0 or more")
     if cfg.layout not in LAYOUTS:
         raise ConfigError(f"layout={cfg.layout!r}: expected {', '.join(LAYOUTS[:-1])} or {LAYOUTS[-1]}")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"precision={cfg.precision!r}: expected {', '.join(PRECISIONS)}")
     if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", cfg.device):
         raise ConfigError(f"device={cfg.device!r}: expected auto, cpu, cuda or cuda:N")
     _check_ranges(cfg)

@@ -38,7 +38,7 @@ def heatmaps(techniques: Dict[str, Technique], maps: Dict[Key, torch.Tensor]) ->
 
 def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
                        steps: int, max_batch: int, kinds: Sequence[str] = ("deletion", "insertion"),
-                       progress: Progress = NO_PROGRESS) -> Dict[str, torch.Tensor]:
+                       progress: Progress = NO_PROGRESS, precision: str = "fp32") -> Dict[str, torch.Tensor]:
     """x [N, C, *S], maps [N, K, *s], targets [N, K] -> curves [N, K, steps+1] and AUCs [N, K]
     for each of `kinds`.
 
@@ -69,7 +69,7 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, ta
             return start[n_of[r]] * (1 - changed) + end[n_of[r]] * changed
 
         curve = torch.empty(rows, device=x.device)
-        for r, logits in rows_logits(model, rows, mixed, max_batch, x.device):
+        for r, logits in rows_logits(model, rows, mixed, max_batch, x.device, precision=precision):
             curve[r] = logits.softmax(1).gather(1, targets[n_of[r], k_of[r]][:, None])[:, 0]
             progress.step(len(r))
         curve = curve.reshape(N, K, steps + 1)

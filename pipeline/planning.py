@@ -143,6 +143,7 @@ def run_key(p: Plan) -> dict:
         "technique": OmegaConf.to_container(p.cfg.technique, resolve=True),
         "layers": p.layers,
         "layout": str(p.cfg.layout),
+        "precision": str(p.cfg.precision),
         "target": str(p.cfg.target),
         "evaluate": OmegaConf.to_container(p.cfg.evaluate, resolve=True),
         "store": OmegaConf.to_container(p.cfg.store, resolve=True),

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from pipeline.allocator import keep_freed_memory
+from pipeline.precision import full_precision, pin
 from pipeline.config import ConfigError, validate
 from pipeline.contracts import Kind
 from pipeline.data import build_source, resolve_shard
@@ -94,6 +95,7 @@ def plan(cfg, spares: Optional[SpareDecoders] = None) -> Plan:
     if spares is not None and source.items and any(t.uses_data for t in techniques.values()):
         spares.start(min(cfg.num_workers, len(source.items)))
     device = resolve_device(cfg.device)
+    pin(cfg.pin_memory, device)  # pin_memory=true off CUDA is refused before the model loads
     model = build_model(cfg.model, device, cfg.data.clip_len)
     check_clips(model, source, cfg)
     try:
@@ -217,7 +219,7 @@ def _inputs(p: Plan, out_dir: Path, maps_file: MapsFile, record: AttemptRecord, 
     if summaries and maps_file.rows:
         summaries.resume(maps_file.reader())
     loader = Loader(p.source, todo, cfg.data.crop, p.model.preprocess, cfg.batch_size, cfg.num_workers, decode_side(p),
-                    spares=spares)
+                    spares=spares, pin_memory=pin(cfg.pin_memory, p.device))
     count = Count()
     try:
         with loader:  # decoding starts here (in the spares started while the model loaded, see plan)
@@ -301,7 +303,7 @@ def _evaluate(p: Plan, x, maps, targets, ids, progress: Optional[BatchProgress] 
     if kinds:
         for (name, layer, output), m in hm.items():
             curves = deletion_insertion(p.model.module, x, m, targets, ev.steps, p.cfg.max_batch, kinds,
-                                        progress.slot(slot) if progress else NO_PROGRESS)
+                                        progress.slot(slot) if progress else NO_PROGRESS, precision=p.cfg.precision)
             slot += 1
             for metric, values in curves.items():
                 out[name, layer, metric_output(output, metric)] = values
@@ -312,11 +314,13 @@ def _evaluate(p: Plan, x, maps, targets, ids, progress: Optional[BatchProgress] 
         extra = {}
         if ev.road:
             extra.update(road(p.model.module, x, m, targets, list(ev.road_percentages), p.cfg.max_batch,
-                              p.cfg.seed, ids, progress.slot(slot) if progress else NO_PROGRESS))
+                              p.cfg.seed, ids, progress.slot(slot) if progress else NO_PROGRESS,
+                              precision=p.cfg.precision))
             slot += 1
         if ev.confidence:
             extra.update(confidence(p.model.module, x, m, targets, p.cfg.max_batch, probs,
-                                    progress=progress.slot(slot) if progress else NO_PROGRESS))
+                                    progress=progress.slot(slot) if progress else NO_PROGRESS,
+                                    precision=p.cfg.precision))
             slot += 1
         if ev.sparseness:
             extra["gini"] = gini(m, x.shape[2:])
@@ -341,13 +345,13 @@ def _slots(p: Plan, techniques: Dict[str, Technique]) -> int:
 
 
 def _compute(p: Plan, batch, progress: Optional[BatchProgress] = None) -> BatchRecord:
-    x = batch.x.to(p.device, non_blocking=True)
+    x = batch.x.to(p.device, non_blocking=True)  # asynchronous from a pinned batch (pin_memory)
     techniques = {name: t for name, t in p.techniques.items() if t.uses_data}
     needs = frozenset().union(*(t.needs for t in techniques.values()))
     ids = [item.id for item in batch.items]  # random draws are keyed by seed and id (Pass.input_generator)
     labels = torch.as_tensor(p.annotations.label_array(ids), device=p.device) if p.target.mode == "label" else None
     shared = Pass(p.model.module, x, p.layers, p.target, max_batch=p.cfg.max_batch, needs=needs,
-                  seed=p.cfg.seed, ids=ids, targets=labels, layout=p.cfg.layout)
+                  seed=p.cfg.seed, ids=ids, targets=labels, layout=p.cfg.layout, precision=p.cfg.precision)
     maps = {}
     for i, (name, technique) in enumerate(techniques.items()):
         shared.progress = progress.slot(i) if progress else NO_PROGRESS
@@ -360,7 +364,7 @@ def _compute(p: Plan, batch, progress: Optional[BatchProgress] = None) -> BatchR
     logits = shared.logits.float()
     probs = logits.softmax(1).gather(1, targets)  # [N, K]
     maps.update(_evaluate(p, x, maps, targets, ids, progress, len(techniques), probs=probs))
-    maps = {key: tensor.cpu().numpy() for key, tensor in maps.items()}
+    maps = {key: full_precision(tensor).cpu().numpy() for key, tensor in maps.items()}
     return BatchRecord(
         items=batch.items, display=batch.display,
         targets=targets.cpu().numpy(), scores=probs.cpu().numpy(),

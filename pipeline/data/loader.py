@@ -55,6 +55,14 @@ class Batch:
     display: Optional[np.ndarray]  # [N, S, S, 3] uint8, the crop the model saw
     skipped: List[Skip]  # items of this batch that could not be used
 
+    def pin_memory(self) -> "Batch":
+        """This batch with its model input in page-locked memory (same strides, channels-last
+        kept), so `x.to(cuda, non_blocking=True)` copies asynchronously. Done in the loader's
+        thread, off the compute path; needs CUDA."""
+        if self.x is None or self.x.is_pinned():
+            return self
+        return Batch(self.items, self.x.pin_memory(), self.display, self.skipped)
+
 
 class DecodeError(RuntimeError):
     """An unexpected exception while decoding an input (a bug, not a bad input)."""
@@ -86,11 +94,13 @@ def model_input(display: np.ndarray, pre: Preprocess) -> "torch.Tensor":
     return t.div_(255.0).sub_(mean).div_(std)
 
 
-def _make_batch(items: List[Item], displays: List[np.ndarray], skipped: List[Skip], pre: Preprocess) -> Batch:
+def _make_batch(items: List[Item], displays: List[np.ndarray], skipped: List[Skip], pre: Preprocess,
+                pin_memory: bool = False) -> Batch:
     if not items:
         return Batch([], None, None, skipped)
     display = np.stack(displays)
-    return Batch(items, model_input(display, pre), display, skipped)
+    batch = Batch(items, model_input(display, pre), display, skipped)
+    return batch.pin_memory() if pin_memory else batch
 
 
 class Loader:
@@ -100,11 +110,12 @@ class Loader:
 
     def __init__(self, source: Source, items: Sequence[Item], crop, pre: Preprocess, batch_size: int,
                  num_workers: int, min_side: Optional[int] = None, prefetch: int = 2,
-                 spares: Optional["SpareDecoders"] = None):
+                 spares: Optional["SpareDecoders"] = None, pin_memory: bool = False):
         self.source, self.items, self.crop, self.pre = source, list(items), crop, pre
         self.batch_size, self.num_workers, self.min_side = max(1, batch_size), num_workers, min_side
         self.prefetch = max(1, prefetch)
         self.spares = spares  # processes started ahead (while the model loaded), taken first
+        self.pin_memory = pin_memory  # page-locked batches (CUDA runs), pinned in the loader's thread
         self._pool: Optional[_Pool] = None
 
     def start(self) -> "Loader":
@@ -134,7 +145,7 @@ class Loader:
                     good.append(item)
                 except BadItem as err:
                     skipped.append(Skip(item.id, item.source, item.frame, str(err)))
-            yield _make_batch(good, decoded, skipped, self.pre)
+            yield _make_batch(good, decoded, skipped, self.pre, self.pin_memory)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -388,7 +399,7 @@ class _Pool:
                 else:
                     skipped.append(Skip(item.id, item.source, item.frame, result[1]))
             self.emitted = end
-            self.out.put(_make_batch(good, decoded, skipped, self.loader.pre))
+            self.out.put(_make_batch(good, decoded, skipped, self.loader.pre, self.loader.pin_memory))
 
     def _receive(self, w: _Worker) -> bool:
         """Read the replies waiting on w's socket; False at end-of-file (the worker is gone)."""

@@ -22,7 +22,7 @@ from pipeline.techniques.base import rows_logits
 
 def confidence(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
                max_batch: int, probs: Optional[torch.Tensor] = None,
-               progress: Progress = NO_PROGRESS) -> Dict[str, torch.Tensor]:
+               progress: Progress = NO_PROGRESS, precision: str = "fp32") -> Dict[str, torch.Tensor]:
     """x [N, C, *S], maps [N, K, *s], targets [N, K] -> {avg_drop, increase: [N, K]}; the N * K
     masked inputs go through the model max_batch at a time. `probs` [N, K] (Y, the target
     probabilities on x) is computed with one more forward of x when not given."""
@@ -35,7 +35,7 @@ def confidence(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: t
         return x[n_of[r]] * unit[n_of[r], k_of[r]][:, None].to(x.dtype)
 
     o = torch.empty(N * K, device=x.device)
-    for r, logits in rows_logits(model, N * K, masked, max_batch, x.device, progress):
+    for r, logits in rows_logits(model, N * K, masked, max_batch, x.device, progress, precision):
         o[r] = logits.float().softmax(1).gather(1, targets[n_of[r], k_of[r]][:, None])[:, 0]
     o = o.reshape(N, K)
     y = probs.float() if probs is not None else target_probs(model, x, targets, max_batch)

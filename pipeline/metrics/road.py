@@ -209,7 +209,7 @@ def removal_masks(rank: torch.Tensor, percentages: Sequence[int], order: str) ->
 
 def road(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
          percentages: Sequence[int], max_batch: int, seed: int = 0, ids: Optional[Sequence[str]] = None,
-         progress: Progress = NO_PROGRESS) -> Dict[str, torch.Tensor]:
+         progress: Progress = NO_PROGRESS, precision: str = "fp32") -> Dict[str, torch.Tensor]:
     """x [N, C, H, W], maps [N, K, h, w], targets [N, K] -> {road_morf, road_lerf: [N, K, P],
     road_morf_auc, road_lerf_auc, road_combined: [N, K]}. Imputed copies are built and fed to the
     model max_batch rows at a time; `progress` counts them."""
@@ -236,7 +236,7 @@ def road(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.T
             return impute(x[n_of[r]], removed, noise)
 
         curve = torch.empty(rows, device=x.device)
-        for r, logits in rows_logits(model, rows, build, max_batch, x.device):
+        for r, logits in rows_logits(model, rows, build, max_batch, x.device, precision=precision):
             curve[r] = logits.float().softmax(1).gather(1, targets[n_of[r], k_of[r]][:, None])[:, 0]
             progress.step(len(r))
         curve = curve.reshape(N, K, P)

@@ -13,6 +13,7 @@ from torch import nn
 
 from pipeline.contracts import Paper
 from pipeline.layouts import NCHW, Layout
+from pipeline.precision import forward_autocast
 from pipeline.techniques.base import chunks, register
 from pipeline.techniques.gradcam import CAM
 from pipeline.techniques.scorecam import ForwardCAM, channel_scores, top_kept, weighted_sum
@@ -86,19 +87,21 @@ def tail_scores(p, layer: str, kept: torch.Tensor) -> Optional[torch.Tensor]:
     K = p.targets.shape[1]
     scores = torch.empty(N, K, Ck, device=p.x.device)
     clean = p.logits.float()
+    tol = 1e-4 if p.precision == "fp32" else 5e-2  # the grown copy's logits against the batch's own (fp32) forward
     p.progress.add(N * Ck)
     with torch.no_grad(), grow_at(p.model.get_submodule(layer), p.layout_of(layer)) as grown:
         for n, s, check in tail_jobs(N, Ck, p.max_batch):
             channels = kept[n, s]
             grown.channels = torch.cat([channels.new_full((1,), -1), channels]) if check else channels
             try:
-                logits = p.model(p.x[n:n + 1]).float()
+                with forward_autocast(p.precision, p.x.device):
+                    logits = p.model(p.x[n:n + 1]).float()
             except RuntimeError as err:  # e.g. a concatenation with a tensor from before the layer
                 log.info("ablationcam: %s: whole forwards per ablated copy (the network after the "
                          "layer does not take a grown batch: %s)", layer, err)
                 return None
             if logits.shape[0] != len(grown.channels) or (
-                    check and not torch.allclose(logits[0], clean[n], rtol=1e-4, atol=1e-4 * float(clean[n].abs().max()))):
+                    check and not torch.allclose(logits[0], clean[n], rtol=tol, atol=tol * float(clean[n].abs().max()))):
                 log.info("ablationcam: %s: whole forwards per ablated copy (an unablated copy grown "
                          "at the layer did not reproduce the logits)", layer)
                 return None
@@ -130,6 +133,8 @@ class AblationCAM(ForwardCAM):
 
     def layer_cam(self, p, layer, acts):
         y = p.logits.gather(1, p.targets)[..., None]  # [N, K, 1]
+        if p.precision != "fp32":  # y_c in bf16 / fp16: y from forwards in the same precision, so the offset cancels
+            y = torch.cat([logits.gather(1, p.targets[r]) for r, logits in p.rows_logits(len(p.x), lambda r: p.x[r])])[..., None]
         if self.options.tail:
             kept = top_kept(acts, self.options.top_channels)
             scores = tail_scores(p, layer, kept)

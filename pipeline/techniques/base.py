@@ -41,6 +41,7 @@ from torch import nn
 from pipeline.contracts import Draw, Family, Kind, Output, Paper
 from pipeline.hooks import capture
 from pipeline.layouts import NCHW, Layout
+from pipeline.precision import forward_autocast
 from pipeline.progress import NO_PROGRESS, Progress
 from pipeline.seeds import keyed_generator
 from pipeline.summaries import add as add_stats
@@ -100,14 +101,19 @@ def chunks(total: int, size: int) -> Iterator[slice]:
 
 
 def rows_logits(model: nn.Module, total: int, build: Callable[[torch.Tensor], torch.Tensor], max_batch: int,
-                device: torch.device, progress: Progress = NO_PROGRESS) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+                device: torch.device, progress: Progress = NO_PROGRESS,
+                precision: str = "fp32") -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """Rows 0..total-1 built on demand, max_batch at a time (memory bounded by max_batch):
-    yields (idx [m], model(build(idx)) [m, classes]), without grad; `progress` counts the rows."""
+    yields (idx [m], model(build(idx)) [m, classes]), without grad; `progress` counts the rows.
+    `precision` bf16 / fp16: the forwards under autocast, the logits read as float32."""
     progress.add(total)
     with torch.no_grad():
         for s in chunks(total, max_batch):
             idx = torch.arange(s.start, s.stop, device=device)
-            logits = model(build(idx))
+            inputs = build(idx)
+            with forward_autocast(precision, inputs.device):
+                logits = model(inputs)
+            logits = logits.float() if precision != "fp32" else logits
             progress.step(len(idx))
             yield idx, logits
 
@@ -123,8 +129,9 @@ class Pass:
     def __init__(self, model: nn.Module, x: torch.Tensor, layers: Sequence[str], target: TargetSpec,
                  *, max_batch: int = 64, needs: FrozenSet[str] = frozenset(), seed: int = 0,
                  ids: Optional[Sequence[str]] = None, targets: Optional[torch.Tensor] = None,
-                 layout: str = "auto"):
+                 layout: str = "auto", precision: str = "fp32"):
         self.model, self.x, self.layers, self.target = model, x, list(layers), target
+        self.precision = precision  # of the no-grad perturbation forwards (rows_logits; pipeline.precision)
         self.layout = layout  # how layer outputs become maps [N, C, h, w] (pipeline.layouts)
         self._layouts: Dict[str, Layout] = {}  # each layer's, as the first capture read it
         self.max_batch, self.needs = max_batch, needs
@@ -247,7 +254,7 @@ class Pass:
     def rows_logits(self, total: int, build: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """For rows 0..total-1, max_batch at a time: yields (idx [m], logits [m, classes]) of
         build(idx) -> inputs [m, C, ...], without grad."""
-        return rows_logits(self.model, total, build, self.max_batch, self.x.device, self.progress)
+        return rows_logits(self.model, total, build, self.max_batch, self.x.device, self.progress, self.precision)
 
     def rows_input_grads(self, total: int, build: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
                          ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
