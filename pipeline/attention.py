@@ -113,14 +113,16 @@ def attention_maps(model: nn.Module, *, grad: bool = False) -> Iterator[List[tor
             m.fused_attn = flag
 
 
-def check_recorded(att: List[torch.Tensor], model: nn.Module) -> None:
-    """RuntimeError unless one forward recorded one square attention [N, heads, T, T] per module,
-    all over the same T tokens (global self-attention, not windows)."""
+def check_recorded(att: List[torch.Tensor], model: nn.Module, batch: int) -> None:
+    """RuntimeError unless one forward recorded one square attention [N, heads, T, T] per module;
+    ValueError unless all are over the same T tokens of each of the `batch` inputs (global
+    self-attention, not windows)."""
     expected = len(attention_modules(model))
     if len(att) != expected:
         raise RuntimeError(f"{expected} attention modules but {len(att)} attention maps recorded in one "
                            "forward pass; this attention variant does not pass its weights through attn_drop")
-    shapes = {tuple(a.shape[2:]) for a in att}
-    if any(a.dim() != 4 or a.shape[2] != a.shape[3] for a in att) or len(shapes) != 1:
-        raise ValueError(f"attention weights of shapes {sorted(shapes)}: not one global self-attention over "
-                         "the same tokens in every block (windowed attention, e.g. Swin, is not supported)")
+    shapes = {(a.shape[0], *a.shape[2:]) for a in att}
+    if any(a.dim() != 4 or a.shape[2] != a.shape[3] for a in att) or shapes != {(batch, *att[0].shape[2:])}:
+        raise ValueError(f"attention weights of shapes {sorted({tuple(a.shape) for a in att})} for {batch} inputs: "
+                         "not one global self-attention over the same tokens in every block (windowed "
+                         "attention, e.g. Swin, is not supported)")

@@ -21,8 +21,8 @@ GRID = (4, 4)  # 16 x 16 input, 4 x 4 patches
 VARIANTS = {"cls": ({}, 1), "registers": ({"reg_tokens": 2}, 3), "pooled": ({"class_token": False, "global_pool": "avg"}, 0)}
 
 
-def inputs(n=3, seed=1):
-    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+def inputs(n=3, side=16, seed=1):
+    return torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(seed))
 
 
 def hand_forward(model, x):
@@ -233,3 +233,22 @@ def test_a_vit_runs_both_end_to_end_into_maps_h5_and_pngs(make_cfg, tmp_path):
     assert np.array_equal(rollout[:, 0], rollout[:, 1]) and np.isfinite(chefer).all()
     for name in ("attention_rollout", "chefer2021"):
         assert len(list((tmp_path / "run" / "png" / name).glob("*.png"))) == 2, name
+
+
+def test_windowed_attention_is_refused_before_work_and_at_the_batch():
+    from timm.models.swin_transformer import SwinTransformer
+
+    from pipeline.attention import check_recorded
+
+    torch.manual_seed(0)
+    swin = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2),
+                           num_classes=10).eval()
+    assert len(attention_modules(swin)) == 2  # timm's WindowAttention is reached, but its windows are no grid
+    for name in ("attention_rollout", "chefer2021"):
+        with pytest.raises(ValueError, match="states its patch grid .*Swin is not supported"):
+            get_technique(name)().check_model(swin, [])
+    with torch.no_grad(), attention_maps(swin) as att:
+        swin(inputs(2, 32))
+    with pytest.raises(ValueError, match="not one global self-attention"):
+        check_recorded(att, swin, 2)
+    assert hook_count(swin) == 0

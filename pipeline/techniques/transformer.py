@@ -12,7 +12,7 @@ import torch
 
 from pipeline.attention import attention_maps, check_recorded, refuse_without_attention
 from pipeline.contracts import Family, Kind, Output, Paper
-from pipeline.layouts import detect
+from pipeline.layouts import detect, model_grid
 from pipeline.techniques.base import Pass, Technique, register, target_scores
 
 ATTENTION = "attention"  # the pseudo-layer name of maps read off the attention weights
@@ -32,6 +32,10 @@ class AttentionTechnique(Technique):
 
     def check_model(self, model, layers):
         refuse_without_attention(self.name, model, self.grad)
+        if model_grid(model)[0] is None:
+            raise ValueError(f"{self.name} needs a ViT-family model that states its patch grid and prefix tokens "
+                             "(timm `patch_embed.grid_size` and `num_prefix_tokens`, torchvision's VisionTransformer); "
+                             f"{type(model).__name__} does not (windowed attention such as Swin is not supported)")
 
     def attribute(self, model, x, layers, target, **kw):
         if torch.is_tensor(x) and x.dim() != 4:
@@ -108,7 +112,7 @@ class AttentionRollout(AttentionTechnique):
     def _attribute(self, p):
         with torch.no_grad(), attention_maps(p.model) as att:
             logits = p.model(p.x)
-        check_recorded(att, p.model)
+        check_recorded(att, p.model, p.x.shape[0])
         p.set_logits(logits)
         R = rollout(att, self.options.head_fusion, float(self.options.discard_ratio))
         return {(ATTENTION, "map"): self.per_target(p, self.to_grid(p, R))}
@@ -132,7 +136,7 @@ class Chefer2021(AttentionTechnique):
     def _attribute(self, p):
         with torch.enable_grad(), attention_maps(p.model, grad=True) as att:
             logits = p.model(p.x)
-        check_recorded(att, p.model)
+        check_recorded(att, p.model, p.x.shape[0])
         p.set_logits(logits)
         K = p.targets.shape[1]
         maps = []
