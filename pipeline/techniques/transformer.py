@@ -41,7 +41,7 @@ class AttentionTechnique(Technique):
         if torch.is_tensor(x) and x.dim() != 4:
             raise ValueError(f"{self.name}: expected images [N, C, H, W], got {tuple(x.shape)}; 3D (video) "
                              "models are not supported")
-        refuse_without_attention(self.name, model, self.grad)
+        self.check_model(model, layers)
         return super().attribute(model, x, layers, target, **kw)
 
     def to_grid(self, p: Pass, R: torch.Tensor) -> torch.Tensor:
