@@ -55,6 +55,7 @@ class Family(_Named):
     ATTRIBUTION = "attribution"  # input gradients averaged over noisy copies or a path
     PERTURBATION = "perturbation"  # the score's change when parts of the input are hidden
     CAM = "cam"  # class activation maps: a weighted sum of a layer's channels
+    ATTENTION = "attention"  # a transformer's attention weights, propagated through its blocks
     FEATVIS = "featvis"  # images synthesized by optimization, or weights drawn as images
     RF = "rf"  # receptive fields: geometry and effective receptive fields
 

@@ -62,8 +62,13 @@ def test_declared_shapes_match_what_every_technique_returns_on_images(name, tmp_
         return
     technique = small(name, cache_dir=str(tmp_path))
     x = torch.rand(N, 3, S, S)
+    sizes = spatial_sizes(model, S)
+    if cls.attention:  # attention weights: a tiny ViT (4 x 4 patches), maps on its patch grid
+        from tests.tinyvit import tiny_vit
+
+        model, sizes = tiny_vit(img_size=S), lambda layer: {"h": S // 4, "w": S // 4}
     result = technique.attribute(model, x, ["relu1", "conv2"], TargetSpec.parse(f"topk:{K}"))
-    check_maps(technique, result.maps, {"N": N, "K": K, "H": S, "W": S}, spatial_sizes(model, S))
+    check_maps(technique, result.maps, {"N": N, "K": K, "H": S, "W": S}, sizes)
     assert isinstance(technique.draw(), Draw)
 
 

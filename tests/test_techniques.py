@@ -36,7 +36,15 @@ WEIGHTS_ONLY = {"kernels"}  # data-free techniques that read Conv2d weights and 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 @pytest.mark.parametrize("raising", [False, True])
 def test_no_hooks_left_and_model_unchanged(name, raising):
-    model = tiny_net()
+    attention = get_technique(name).attention  # reads attention weights: a tiny ViT instead of the CNN
+    if attention:
+        from tests.tinyvit import tiny_vit
+
+        model = tiny_vit()
+        for block in model.blocks:
+            block.attn.fused_attn = True  # switched off for the pass, restored after
+    else:
+        model = tiny_net()
     for p in model.parameters():
         p.requires_grad_(True)  # a user model that is not frozen: still no parameter gradient
     before = _state(model)
@@ -73,7 +81,12 @@ def test_no_hooks_left_and_model_unchanged(name, raising):
     assert before.keys() == after.keys()
     for key in before:
         assert torch.equal(before[key], after[key]), key
-    assert model.relu1.inplace and model.relu2.inplace
+    if attention:
+        assert all(block.attn.fused_attn for block in model.blocks)
+        with pytest.raises(ValueError, match="attention"):  # and a CNN is refused before any work
+            technique.check_model(tiny_net(), [])
+    else:
+        assert model.relu1.inplace and model.relu2.inplace
 
 
 def test_attribute_refuses_training_mode():

@@ -23,6 +23,10 @@ def test_every_technique_gives_per_frame_maps_shaped_like_the_clip(name):
     technique = get_technique(name)()
     if not technique.uses_data:
         pytest.skip(f"{name} is data-free (generate(), no per-clip maps)")
+    if technique.attention:  # a 3D CNN has no attention weights: refused before any work
+        with pytest.raises(ValueError, match="attention"):
+            technique.check_model(model, [])
+        return
     if not technique.video:  # images only: refused before any work on a 3D model
         with pytest.raises(ValueError, match="clips|3D|5-D|video"):
             technique.check_layers({"relu1": (1, 4, T, H, W), "relu2": (1, 8, T, 8, 8)})

@@ -286,6 +286,7 @@ class Technique:
     layer_layouts: Mapping[str, Layout] = MappingProxyType({})  # {layer: Layout} of the chosen layers
     uses_data: ClassVar[bool] = True  # False: generate() once per run instead of per batch
     video: ClassVar[bool] = True  # False: images only; refused (check_layers) on 3D video models
+    attention: ClassVar[bool] = False  # True: reads a transformer's attention weights (check_model refuses other models)
     has_summary: ClassVar[bool] = False  # True: partial/combine/finalize make a run-level summary
     completed_outputs: ClassVar[FrozenSet[str]] = frozenset()  # summary outputs complete() adds
 
