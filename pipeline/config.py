@@ -106,13 +106,21 @@ class StoreConfig:
 
 
 @dataclass
+class ScoreConfig:
+    """What a class score is for a model that is not a classifier (pipeline/scores.py)."""
+
+    region: Optional[List[int]] = None  # segmentation: [x, y, w, h] (model-input px) each class's logits are summed over; null: its predicted mask
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     technique: Dict[str, Any] = field(default_factory=dict)
     layers: List[str] = II("model.layers")  # module names or glob patterns
     layout: str = "auto"  # auto | nchw | nhwc | tokens: how the layers' outputs are read as maps (pipeline/layouts.py)
-    target: str = "pred"  # pred | label | <int> | topk:<k> | "<class name>"
+    target: str = "pred"  # pred | label | <int> | topk:<k> | "<class name>" | similar:<image path>
+    score: ScoreConfig = field(default_factory=ScoreConfig)  # class scores of segmentation models
     batch_size: int = 16
     max_batch: int = II("batch_size")  # memory budget: most rows per forward when a technique expands a batch
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -241,6 +249,20 @@ def _check_road(cfg: Any) -> None:
                           f"(data.clip_len={cfg.data.clip_len} makes clips)")
 
 
+def _check_score(cfg: Any) -> None:
+    """score.region's shape and target=similar:PATH's file (.get: configs recorded before `score`)."""
+    from pipeline.scores import check_region, similar_path
+
+    region = (cfg.get("score") or {}).get("region")
+    if region is not None:
+        check_region(list(region))
+    path = similar_path(cfg.target)
+    if path is not None and not path:
+        raise ConfigError("target=similar:PATH needs the reference image's path, e.g. target=similar:ref.jpg")
+    if path and not Path(path).expanduser().is_file():
+        raise ConfigError(f"target=similar:{path}: the reference image {path!r} does not exist")
+
+
 def validate(cfg: Any) -> None:
     """Checks that need no model or data; raises ConfigError naming the bad key (an unknown
     model.kind or data.kind lists the registered ones)."""
@@ -252,6 +274,7 @@ def validate(cfg: Any) -> None:
     get_source(cfg.data.kind)
     if str(cfg.target).startswith("topk:") and not _TOPK.match(str(cfg.target)):
         raise ConfigError(f"target={cfg.target!r}: topk needs a whole number >= 1, e.g. topk:3")
+    _check_score(cfg)
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size} must be at least 1")
     if cfg.max_batch < 1:

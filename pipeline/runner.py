@@ -42,6 +42,7 @@ from pipeline.provenance import attempt, command_line, provenance
 from pipeline.runlevel import generate_all, write_field_table, write_summaries
 from pipeline.store import MapsFile
 from pipeline.store.layout import metric_output
+from pipeline.scores import configure as configure_scores
 from pipeline.summaries import Summaries
 from pipeline.targets import TargetSpec
 from pipeline.techniques import Pass, Technique
@@ -96,6 +97,7 @@ def plan(cfg, spares: Optional[SpareDecoders] = None) -> Plan:
     device = resolve_device(cfg.device)
     model = build_model(cfg.model, device, cfg.data.clip_len)
     check_clips(model, source, cfg)
+    configure_scores(model, cfg, device)  # score.region, target=similar:PATH (pipeline.scores)
     try:
         target = TargetSpec.parse(cfg.target, model.class_names)
         for technique in techniques.values():

@@ -1,7 +1,9 @@
-"""model=torchvision: any torchvision classification model by name, with its named weights."""
+"""model=torchvision: any torchvision classification or segmentation model by name, with its named
+weights (a segmentation model's output is read as class scores: pipeline.scores)."""
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import List, Optional, Tuple
 
 from torch import nn
@@ -17,9 +19,10 @@ def preprocess_defaults(name: str) -> dict:
 
     try:
         t = tvm.get_model_weights(name).DEFAULT.transforms()
-    except (ValueError, KeyError, AttributeError):
+        resize = list(t.resize_size)
+        crop = list(getattr(t, "crop_size", resize))  # segmentation: resized, not cropped (a square of that side here)
+    except (ValueError, KeyError, AttributeError, TypeError):
         return dict(IMAGENET)
-    crop, resize = list(t.crop_size), list(t.resize_size)
     return dict(input_size=int(crop[0]), resize=int(min(resize)), mean=tuple(t.mean), std=tuple(t.std))
 
 
@@ -35,14 +38,17 @@ def torchvision_net(name: str, weights: Optional[str], num_classes: Optional[int
     kwargs = {}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    bare = dict(kwargs)
+    if "weights_backbone" in inspect.signature(tvm.get_model_builder(name)).parameters:
+        bare["weights_backbone"] = None  # segmentation / detection: random init reads no backbone weights either
     if weights is None:
-        return tvm.get_model(name, weights=None, **kwargs), None
+        return tvm.get_model(name, weights=None, **bare), None
     try:
         w = tvm.get_model_weights(name)[weights] if weights != "DEFAULT" else tvm.get_model_weights(name).DEFAULT
     except KeyError:
         names = [m.name for m in tvm.get_model_weights(name)]
         raise ConfigError(f"unknown weights {weights!r} for {name}; known: DEFAULT, {', '.join(names)}") from None
-    model = torchvision_model(name, w, kwargs) if load else tvm.get_model(name, weights=None, **kwargs)
+    model = torchvision_model(name, w, kwargs) if load else tvm.get_model(name, weights=None, **bare)
     return model, list(w.meta.get("categories") or []) or None
 
 
