@@ -110,6 +110,8 @@ class ScoreConfig:
     """What a class score is for a model that is not a classifier (pipeline/scores.py)."""
 
     region: Optional[List[int]] = None  # segmentation: [x, y, w, h] (model-input px) each class's logits are summed over; null: its predicted mask
+    min_score: float = 0.5  # detection: boxes of the clean input explained (the top k, target=topk:k) score at least this
+    iou: float = 0.5  # detection: a detection matches a box with the same label and at least this IoU
 
 
 @dataclass
@@ -253,9 +255,13 @@ def _check_score(cfg: Any) -> None:
     """score.region's shape and target=similar:PATH's file (.get: configs recorded before `score`)."""
     from pipeline.scores import check_region, similar_path
 
-    region = (cfg.get("score") or {}).get("region")
-    if region is not None:
-        check_region(list(region))
+    score = cfg.get("score") or {}
+    if score.get("region") is not None:
+        check_region(list(score.get("region")))
+    if not 0.0 <= score.get("min_score", 0.5) <= 1.0:
+        raise ConfigError(f"score.min_score={score.get('min_score')}: a detection score threshold in [0, 1]")
+    if not 0.0 < score.get("iou", 0.5) <= 1.0:
+        raise ConfigError(f"score.iou={score.get('iou')}: an IoU threshold in (0, 1]")
     path = similar_path(cfg.target)
     if path is not None and not path:
         raise ConfigError("target=similar:PATH needs the reference image's path, e.g. target=similar:ref.jpg")

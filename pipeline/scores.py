@@ -13,11 +13,21 @@ the state dict, the device and eval mode are the net's, and the net itself is ne
   similarity (`target=similar:PATH`, any model whose output is one tensor [N, D, ...]):
       score[n, 0] = cos(net(x)[n], net(reference)), the reference image at PATH read and preprocessed
       like the inputs, its embedding computed once per run.
+  detection (torchvision Faster R-CNN / RetinaNet / FCOS, output a list of dicts boxes / labels /
+      scores): the targets of input n are the top-k boxes (target=pred: 1, topk:k) of its clean
+      input with a score >= score.min_score, found by `detection_batch` before the batch's
+      techniques run. Every box of the batch is one column, so a row of any technique's expanded
+      batch (occluded copies, IG steps, ...) scores every box and each technique gathers the
+      columns of the row's own input, as it gathers classes: score[r, b] = the score of row r's
+      detection that matches box b (same label, the highest IoU >= score.iou), 0 when none does.
+      On the clean input a box matches itself, so its score is its detection score.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +54,7 @@ class Scored(nn.Module):
             self._modules["net"] = net
         object.__setattr__(self, "net", net)
         object.__setattr__(self, "score", score)
-        self.kind = kind  # "segmentation" | "similarity"
+        self.kind = kind  # "segmentation" | "similarity" | "detection"
         self.layer_scope = layer_scope  # default layers are looked for under this module (e.g. "backbone")
         self.training = net.training
 
@@ -125,6 +135,105 @@ class SimilarityScore:
         return f"cosine similarity to {self.name}"
 
 
+def is_detection_output(out) -> bool:
+    return (isinstance(out, (list, tuple)) and len(out) > 0 and isinstance(out[0], dict)
+            and all(key in out[0] for key in ("boxes", "labels", "scores")))
+
+
+def detection_classes(net: nn.Module) -> Optional[int]:
+    """The label count of a torchvision detector (Faster R-CNN's box predictor, RetinaNet's / FCOS's
+    classification head), None when neither is there."""
+    predictor = getattr(getattr(net, "roi_heads", None), "box_predictor", None)
+    if predictor is not None and hasattr(predictor, "cls_score"):
+        return int(predictor.cls_score.out_features)
+    head = getattr(getattr(net, "head", None), "classification_head", None)
+    return int(head.num_classes) if head is not None and hasattr(head, "num_classes") else None
+
+
+class DetectionScore:
+    """list of {boxes [D, 4], labels [D], scores [D]} -> [N, B]: for every box b of the batch's
+    reference (`boxes` [B, 4], `labels` [B]; label -1: an empty slot, never matched), the score of
+    the row's detection of the same label whose IoU with b is highest and >= `iou`, else 0 (kept in
+    the graph, so a gradient of it is zero, not missing). Without a reference: [N, 0]."""
+
+    def __init__(self, iou: float = 0.5):
+        self.iou = float(iou)
+        self.boxes: Optional[torch.Tensor] = None
+        self.labels: Optional[torch.Tensor] = None
+
+    def __call__(self, out) -> torch.Tensor:
+        from torchvision.ops import box_iou
+
+        rows = []
+        for det in out:
+            scores = det["scores"]
+            if self.boxes is None:
+                rows.append(scores.sum()[None][:0])  # no reference: no column
+                continue
+            B = self.boxes.shape[0]
+            if scores.numel() == 0:
+                rows.append(scores.sum() * torch.zeros(B, device=scores.device, dtype=scores.dtype))
+                continue
+            boxes, labels = self.boxes.to(scores.device), self.labels.to(scores.device)
+            iou = box_iou(boxes, det["boxes"].detach())  # [B, D]
+            ok = (iou >= self.iou) & (labels[:, None] == det["labels"][None])
+            best = torch.where(ok, iou, torch.full_like(iou, -1.0)).argmax(1)  # [B]
+            rows.append(scores[best] * ok.any(1).to(scores.dtype))
+        return torch.stack(rows)
+
+    def __repr__(self) -> str:
+        return f"matched detection score (IoU >= {self.iou})"
+
+
+@dataclass
+class Detections:
+    """The reference boxes of a batch: per input its top-k boxes of the clean input.
+    boxes [N, K, 4] (input pixels x0, y0, x1, y1), labels [N, K] (-1: no box), scores [N, K] (NaN:
+    no box), valid [N, K], targets [N, K]: each box's column in the scores (n * K + j)."""
+
+    boxes: torch.Tensor
+    labels: torch.Tensor
+    scores: torch.Tensor
+    valid: torch.Tensor
+    targets: torch.Tensor
+
+
+def select_boxes(out: List[dict], k: int, min_score: float) -> Detections:
+    """The top-k detections with score >= min_score of each input (fewer: empty slots)."""
+    N, device = len(out), out[0]["scores"].device if out else "cpu"
+    boxes = torch.zeros(N, k, 4, device=device)
+    labels = torch.full((N, k), -1, dtype=torch.long, device=device)
+    scores = torch.full((N, k), float("nan"), device=device)
+    for n, det in enumerate(out):
+        s = det["scores"].detach()
+        keep = torch.nonzero(s >= min_score).flatten()
+        keep = keep[s[keep].argsort(descending=True)][:k]
+        boxes[n, :len(keep)] = det["boxes"].detach()[keep].float()
+        labels[n, :len(keep)] = det["labels"][keep]
+        scores[n, :len(keep)] = s[keep].float()
+    targets = torch.arange(N * k, device=device).view(N, k)
+    return Detections(boxes, labels, scores, labels >= 0, targets)
+
+
+@contextmanager
+def detection_batch(model: nn.Module, x: torch.Tensor, k: int, min_score: float) -> Iterator[Optional[Detections]]:
+    """For a detection model: the batch's reference boxes (one forward without grad), set as the
+    score's reference for the block and cleared after it; yields None for any other model. Inside
+    it, techniques explain `found.targets` (give them as the Pass's `targets`: TargetSpec.select
+    cannot tell one input's columns from another's)."""
+    if not (isinstance(model, Scored) and model.kind == "detection"):
+        yield None
+        return
+    with torch.no_grad():
+        found = select_boxes(model.net(x), k, min_score)
+    score = model.score
+    score.boxes, score.labels = found.boxes.flatten(0, 1), found.labels.flatten()
+    try:
+        yield found
+    finally:
+        score.boxes = score.labels = None
+
+
 def similar_path(target: str) -> Optional[str]:
     """PATH of target=similar:PATH (None for any other target)."""
     text = str(target).strip()
@@ -140,6 +249,21 @@ def check_region(region, input_size: Optional[int] = None) -> None:
     if input_size is not None and (r[0] + r[2] > input_size or r[1] + r[3] > input_size):
         raise ConfigError(f"score.region={r} does not fit inside the model input ({input_size}x{input_size} "
                           "pixels, model.input_size)")
+
+
+def check_detection_run(model, cfg) -> None:
+    """A detection run: target=pred (the top box) or topk:k (the top k boxes); the evaluations that
+    read the targets' scores as a softmax over classes are refused; score.iou set on the score."""
+    target = str(cfg.target).strip()
+    if target != "pred" and not target.startswith("topk:"):
+        raise ConfigError(f"target={target}: {model.description} is a detection model, whose targets are its "
+                          "detected boxes: target=pred (the top box) or target=topk:<k> (the top k boxes)")
+    ev = cfg.evaluate
+    refused = [key for key in ("deletion", "insertion", "road", "confidence", "sanity") if ev.get(key)]
+    if refused:
+        raise ConfigError(f"evaluate.{', evaluate.'.join(refused)} read(s) a softmax over classes or a model copy; "
+                          f"not available for the detection model {model.description}")
+    model.module.score.iou = float(cfg.score.get("iou", 0.5))
 
 
 def read_reference(path: str, model) -> torch.Tensor:
@@ -170,6 +294,8 @@ def configure(model, cfg, device) -> None:
     region = (cfg.get("score") or {}).get("region")
     path = similar_path(cfg.target)
     module = model.module
+    if isinstance(module, Scored) and module.kind == "detection":
+        check_detection_run(model, cfg)
     if region is not None:
         if not (isinstance(module, Scored) and module.kind == "segmentation"):
             raise ConfigError("score.region sums a segmentation model's class logits over a box; "
@@ -182,7 +308,7 @@ def configure(model, cfg, device) -> None:
         raise ConfigError("target=similar:PATH needs the reference image's path, e.g. target=similar:ref.jpg")
     if isinstance(module, Scored) or model.is_video:
         raise ConfigError(f"target=similar:PATH compares image embeddings; {model.description} "
-                          f"is a {'segmentation' if isinstance(module, Scored) else 'video'} model")
+                          f"is a {module.kind if isinstance(module, Scored) else 'video'} model")
     reference = read_reference(path, model).to(device)
     with torch.no_grad():
         embedding = module(reference)

@@ -1,5 +1,5 @@
-"""model=torchvision: any torchvision classification or segmentation model by name, with its named
-weights (a segmentation model's output is read as class scores: pipeline.scores)."""
+"""model=torchvision: any torchvision classification, segmentation or detection model by name, with
+its named weights (segmentation and detection outputs are read as scores: pipeline.scores)."""
 from __future__ import annotations
 
 import difflib
@@ -12,11 +12,15 @@ from pipeline.errors import ConfigError
 from pipeline.families.base import IMAGENET, Built, register_family
 from pipeline.weights import torchvision_model
 
+DETECTION_SIZE = 800  # torchvision detectors' own min_size
+
 
 def preprocess_defaults(name: str) -> dict:
     """Crop, resize, mean and std of the model's default weights' transforms (no download)."""
     import torchvision.models as tvm
 
+    if name in tvm.list_models(module=tvm.detection):  # it resizes and normalises itself: [0, 1] squares of its min_size
+        return dict(input_size=DETECTION_SIZE, resize=DETECTION_SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     try:
         t = tvm.get_model_weights(name).DEFAULT.transforms()
         resize = list(t.resize_size)
@@ -27,9 +31,11 @@ def preprocess_defaults(name: str) -> dict:
 
 
 def torchvision_net(name: str, weights: Optional[str], num_classes: Optional[int] = None,
-                    load: bool = True) -> Tuple[nn.Module, Optional[List[str]]]:
+                    load: bool = True, size: Optional[int] = None) -> Tuple[nn.Module, Optional[List[str]]]:
     """The model and its class names; `load=False`: the named weights are checked and their class
-    names kept, but the architecture is left at random initialization (nothing is read)."""
+    names kept, but the architecture is left at random initialization (nothing is read). A
+    detection model is built with min_size = max_size = `size` (model.input_size, else
+    DETECTION_SIZE), so it takes the pipeline's square inputs without resizing them again."""
     import torchvision.models as tvm
 
     if name not in tvm.list_models():
@@ -38,6 +44,8 @@ def torchvision_net(name: str, weights: Optional[str], num_classes: Optional[int
     kwargs = {}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    if name in tvm.list_models(module=tvm.detection):
+        kwargs.update(min_size=size or DETECTION_SIZE, max_size=size or DETECTION_SIZE)
     bare = dict(kwargs)
     if "weights_backbone" in inspect.signature(tvm.get_model_builder(name)).parameters:
         bare["weights_backbone"] = None  # segmentation / detection: random init reads no backbone weights either
@@ -58,7 +66,7 @@ def build(cfg, load_weights: bool) -> Built:
     weights' transforms."""
     if not cfg.name:
         raise ConfigError("model=torchvision needs model.name (e.g. resnet18)")
-    model, names = torchvision_net(cfg.name, cfg.weights, load=load_weights)
+    model, names = torchvision_net(cfg.name, cfg.weights, load=load_weights, size=cfg.input_size)
     desc = f"torchvision {cfg.name} weights={cfg.weights}"
     if not load_weights and cfg.weights is not None:
         desc += " (architecture only, weights not loaded)"
