@@ -106,20 +106,30 @@ class StoreConfig:
 
 
 @dataclass
+class ScoreConfig:
+    """What a class score is for a model that is not a classifier (pipeline/scores.py)."""
+
+    region: Optional[List[int]] = None  # segmentation: [x, y, w, h] (model-input px) each class's logits are summed over; null: its predicted mask
+    min_score: float = 0.5  # detection: boxes of the clean input explained (the top k, target=topk:k) score at least this
+    iou: float = 0.5  # detection: a detection matches a box with the same label and at least this IoU
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     technique: Dict[str, Any] = field(default_factory=dict)
     layers: List[str] = II("model.layers")  # module names or glob patterns
     layout: str = "auto"  # auto | nchw | nhwc | tokens: how the layers' outputs are read as maps (pipeline/layouts.py)
-    target: str = "pred"  # pred | label | <int> | topk:<k> | "<class name>"
+    target: str = "pred"  # pred | label | <int> | topk:<k> | "<class name>" | similar:<image path>
+    score: ScoreConfig = field(default_factory=ScoreConfig)  # class scores of segmentation models
     batch_size: int = 16
     max_batch: int = II("batch_size")  # memory budget: most rows per forward when a technique expands a batch
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     num_workers: int = 2
     keep_freed_memory: bool = True  # glibc keeps freed memory for the next batch (pipeline/allocator.py)
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast for the per-input techniques and metrics (pipeline/precision.py)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast for the no-grad perturbation forwards (pipeline/precision.py)
     pin_memory: Optional[bool] = None  # page-locked batches for asynchronous copies to the GPU (null: when on CUDA)
     render: RenderConfig = field(default_factory=RenderConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -244,6 +254,24 @@ def _check_road(cfg: Any) -> None:
                           f"(data.clip_len={cfg.data.clip_len} makes clips)")
 
 
+def _check_score(cfg: Any) -> None:
+    """score.region's shape and target=similar:PATH's file (.get: configs recorded before `score`)."""
+    from pipeline.scores import check_region, similar_path
+
+    score = cfg.get("score") or {}
+    if score.get("region") is not None:
+        check_region(list(score.get("region")))
+    if not 0.0 <= score.get("min_score", 0.5) <= 1.0:
+        raise ConfigError(f"score.min_score={score.get('min_score')}: a detection score threshold in [0, 1]")
+    if not 0.0 < score.get("iou", 0.5) <= 1.0:
+        raise ConfigError(f"score.iou={score.get('iou')}: an IoU threshold in (0, 1]")
+    path = similar_path(cfg.target)
+    if path is not None and not path:
+        raise ConfigError("target=similar:PATH needs the reference image's path, e.g. target=similar:ref.jpg")
+    if path and not Path(path).expanduser().is_file():
+        raise ConfigError(f"target=similar:{path}: the reference image {path!r} does not exist")
+
+
 def validate(cfg: Any) -> None:
     """Checks that need no model or data; raises ConfigError naming the bad key (an unknown
     model.kind or data.kind lists the registered ones)."""
@@ -255,6 +283,7 @@ def validate(cfg: Any) -> None:
     get_source(cfg.data.kind)
     if str(cfg.target).startswith("topk:") and not _TOPK.match(str(cfg.target)):
         raise ConfigError(f"target={cfg.target!r}: topk needs a whole number >= 1, e.g. topk:3")
+    _check_score(cfg)
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size} must be at least 1")
     if cfg.max_batch < 1:

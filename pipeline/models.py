@@ -29,6 +29,7 @@ class LoadedModel:
     description: str
     num_classes: int
     clip_len: Optional[int] = None  # frames per clip for a 3D (video) CNN; None for image models
+    preprocess_set: bool = False  # model.mean / model.std were given (a detection model refuses them)
     _graph: Optional[object] = field(default=None, repr=False)
 
     def support_graph(self):
@@ -37,8 +38,11 @@ class LoadedModel:
         if self._graph is None:
             from pipeline.rf import SupportGraph
 
+            from pipeline.scores import inner
+
             device = next(self.module.parameters()).device
-            self._graph = SupportGraph(self.module, self.example(device))
+            # a Scored model (pipeline.scores) is traced as its net: the same layer names, no score to trace
+            self._graph = SupportGraph(inner(self.module), self.example(device))
         return self._graph
 
     @property
@@ -79,7 +83,8 @@ def build_model(cfg, device: torch.device | str = "cpu", clip_len: Optional[int]
     video = not isinstance(model, torch.jit.ScriptModule) and is_video_model(model)
     loaded = LoadedModel(model, preprocess, built.class_names, built.description, 0,
                          (clip_len or 16) if video else None)
-    loaded.num_classes = _count_classes(loaded, device)
+    loaded.preprocess_set = cfg.mean is not None or cfg.std is not None
+    loaded.num_classes = _count_classes(loaded, device)  # a segmentation model is wrapped here (pipeline.scores)
     if loaded.class_names is None and loaded.num_classes == 1000:
         loaded.class_names = imagenet_classes()
     return loaded
@@ -104,15 +109,53 @@ def _preprocess(cfg, defaults: Dict[str, Any]) -> Preprocess:
 
 
 def _count_classes(loaded: LoadedModel, device: torch.device | str) -> int:
-    """The model's output width on its example input; a model that cannot run on it is a ConfigError."""
+    """The model's output width on its example input; a model that cannot run on it is a ConfigError.
+    A segmentation model (output {"out": [N, K, H, W]}) becomes `Scored` (pipeline.scores) here:
+    K class scores, its default layers looked for under its `backbone`."""
+    from pipeline.scores import Scored, SegmentationScore, is_detection_output, is_segmentation_output
+
     example = loaded.example(device)
     try:
         with torch.no_grad():
-            return int(loaded.module(example).shape[-1])
+            out = loaded.module(example)
+            if is_segmentation_output(out) and not isinstance(loaded.module, Scored):
+                scope = "backbone" if isinstance(getattr(loaded.module, "backbone", None), nn.Module) else None
+                loaded.module = Scored(loaded.module, SegmentationScore(), "segmentation", layer_scope=scope)
+                out = loaded.module(example)
+            if is_detection_output(out) and not isinstance(loaded.module, Scored):
+                return _detection(loaded)
+            if not torch.is_tensor(out):
+                raise ConfigError(f"{loaded.description} returns a {type(out).__name__}, not logits [N, classes] "
+                                  "(a segmentation model's {'out': [N, K, H, W]} is read as K class scores)")
+            return int(out.shape[-1])
     except RuntimeError as err:
         hint = " (a video model may need a longer data.clip_len)" if loaded.is_video else " (check model.input_size)"
         raise ConfigError(f"{loaded.description} cannot run on an input of shape {list(example.shape)}{hint}: "
                           f"{str(err).splitlines()[0]}") from None
+
+
+def _detection(loaded: LoadedModel) -> int:
+    """A detector (output: a list of dicts boxes / labels / scores) becomes `Scored` (pipeline.scores):
+    its default layers under `backbone.body` (the FPN's input), its inputs in [0, 1] (it normalises
+    them itself: model.mean / model.std other than 0 / 1 are refused); returns its label count."""
+    from dataclasses import replace
+
+    from pipeline.scores import DetectionScore, Scored, detection_classes
+
+    net = loaded.module
+    body = getattr(getattr(net, "backbone", None), "body", None)
+    scope = "backbone.body" if isinstance(body, nn.Module) else ("backbone" if hasattr(net, "backbone") else None)
+    loaded.module = Scored(net, DetectionScore(), "detection", layer_scope=scope)
+    pre = loaded.preprocess
+    if loaded.preprocess_set and (tuple(pre.mean) != (0.0,) * 3 or tuple(pre.std) != (1.0,) * 3):
+        raise ConfigError(f"{loaded.description} is a detection model: it normalises its inputs itself, so it takes "
+                          f"images in [0, 1]; drop model.mean / model.std (given: {list(pre.mean)} / {list(pre.std)})")
+    loaded.preprocess = replace(pre, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    count = detection_classes(net) or (len(loaded.class_names) if loaded.class_names else None)
+    if count is None:
+        raise ConfigError(f"{loaded.description} returns detections but its number of labels is unknown "
+                          "(a torchvision Faster R-CNN, RetinaNet or FCOS has it)")
+    return count
 
 
 def layer_names(model: nn.Module) -> List[str]:
@@ -171,10 +214,13 @@ def probe_shapes(model: nn.Module, example: torch.Tensor | int, device: torch.de
 def default_layer(model: nn.Module, shapes: Dict[str, Optional[Tuple[int, ...]]], size: Tuple[int, int]) -> str:
     """The layer used when none is given: for a ViT-family model the tokens entering its last
     attention (layouts.default_token_layer), else the last conv block, channels-last outputs read
-    as maps (Swin, ConvNeXt)."""
+    as maps (Swin, ConvNeXt); for a segmentation model (pipeline.scores) the last one of its backbone."""
     from pipeline.layouts import default_token_layer, read_shapes
 
     layouts, maps = read_shapes(model, shapes, size)
+    scope = getattr(model, "layer_scope", None)  # a segmentation model (pipeline.scores): its backbone's last block
+    if scope:
+        maps = {n: s for n, s in maps.items() if n.startswith(scope + ".")} or maps
     return default_token_layer(model, shapes, layouts) or last_conv_block(model, maps)
 
 

@@ -15,6 +15,7 @@ from pipeline.data.annotations import LABEL_REASON, Annotations, load_annotation
 from pipeline.evaluation import SanityCheck
 from pipeline.layouts import read_shapes
 from pipeline.models import LoadedModel, default_layer, probe_shapes, resolve_layers
+from pipeline.scores import inner
 from pipeline.targets import TargetSpec
 from pipeline.techniques import REGISTRY, Technique, get_technique
 
@@ -95,7 +96,7 @@ def plan_annotations(cfg, source: Source, model: LoadedModel, target: TargetSpec
 
 def check_torchscript(model: LoadedModel, techniques: Dict[str, Technique]) -> None:
     """A TorchScript model has no Python modules: only input-space techniques can use it."""
-    if isinstance(model.module, torch.jit.ScriptModule):
+    if isinstance(inner(model.module), torch.jit.ScriptModule):
         refused = [name for name, t in techniques.items() if t.uses_layers or not t.torchscript]
         if refused:
             raise ConfigError(
@@ -145,6 +146,7 @@ def run_key(p: Plan) -> dict:
         "layout": str(p.cfg.layout),
         "precision": str(p.cfg.precision),
         "target": str(p.cfg.target),
+        "score": OmegaConf.to_container(p.cfg.score, resolve=True),
         "evaluate": OmegaConf.to_container(p.cfg.evaluate, resolve=True),
         "store": OmegaConf.to_container(p.cfg.store, resolve=True),
     }

@@ -43,6 +43,9 @@ from pipeline.provenance import attempt, command_line, provenance
 from pipeline.runlevel import generate_all, write_field_table, write_summaries
 from pipeline.store import MapsFile
 from pipeline.store.layout import metric_output
+from pipeline.io.render import draw_boxes
+from pipeline.scores import Detections, detection_batch
+from pipeline.scores import configure as configure_scores
 from pipeline.summaries import Summaries
 from pipeline.targets import TargetSpec
 from pipeline.techniques import Pass, Technique
@@ -98,6 +101,7 @@ def plan(cfg, spares: Optional[SpareDecoders] = None) -> Plan:
     pin(cfg.pin_memory, device)  # pin_memory=true off CUDA is refused before the model loads
     model = build_model(cfg.model, device, cfg.data.clip_len)
     check_clips(model, source, cfg)
+    configure_scores(model, cfg, device)  # score.region, target=similar:PATH (pipeline.scores)
     try:
         target = TargetSpec.parse(cfg.target, model.class_names)
         for technique in techniques.values():
@@ -346,10 +350,19 @@ def _slots(p: Plan, techniques: Dict[str, Technique]) -> int:
 
 def _compute(p: Plan, batch, progress: Optional[BatchProgress] = None) -> BatchRecord:
     x = batch.x.to(p.device, non_blocking=True)  # asynchronous from a pinned batch (pin_memory)
+    with detection_batch(p.model.module, x, p.target.k, p.cfg.score.min_score) as found:
+        return _compute_on(p, batch, x, progress, found)
+
+
+def _compute_on(p: Plan, batch, x, progress: Optional[BatchProgress], found: Optional[Detections]) -> BatchRecord:
+    """The batch through every technique; `found`: a detection model's boxes (pipeline.scores), the
+    targets (one per box), stored with the maps, drawn on the PNGs, and empty slots' maps NaN."""
     techniques = {name: t for name, t in p.techniques.items() if t.uses_data}
     needs = frozenset().union(*(t.needs for t in techniques.values()))
     ids = [item.id for item in batch.items]  # random draws are keyed by seed and id (Pass.input_generator)
     labels = torch.as_tensor(p.annotations.label_array(ids), device=p.device) if p.target.mode == "label" else None
+    if found is not None:
+        labels = found.targets  # each input's boxes: their columns in the scores
     shared = Pass(p.model.module, x, p.layers, p.target, max_batch=p.cfg.max_batch, needs=needs,
                   seed=p.cfg.seed, ids=ids, targets=labels, layout=p.cfg.layout, precision=p.cfg.precision)
     maps = {}
@@ -364,9 +377,29 @@ def _compute(p: Plan, batch, progress: Optional[BatchProgress] = None) -> BatchR
     logits = shared.logits.float()
     probs = logits.softmax(1).gather(1, targets)  # [N, K]
     maps.update(_evaluate(p, x, maps, targets, ids, progress, len(techniques), probs=probs))
+    display = batch.display
+    if found is not None:
+        maps = _empty_slots(techniques, maps, found.valid)
+        maps.update({("detections", "input", "boxes"): found.boxes, ("detections", "input", "labels"): found.labels,
+                     ("detections", "input", "scores"): found.scores})
+        targets, probs = found.labels, found.scores  # stored: each box's label and detection score
+        display = draw_boxes(display, found.boxes.cpu().numpy(), found.labels.cpu().numpy(), p.model.class_name)
     maps = {key: full_precision(tensor).cpu().numpy() for key, tensor in maps.items()}
     return BatchRecord(
-        items=batch.items, display=batch.display,
+        items=batch.items, display=display,
         targets=targets.cpu().numpy(), scores=probs.cpu().numpy(),
-        logits=logits.gather(1, targets).cpu().numpy(), maps=maps,
+        logits=logits.gather(1, shared.targets).cpu().numpy(), maps=maps,
     )
+
+
+def _empty_slots(techniques: Dict[str, Technique], maps: dict, valid: torch.Tensor) -> dict:
+    """Per-target maps ([N, K, ...] heatmaps and gradients) of slots without a box set to NaN."""
+    N, K = valid.shape
+    out = {}
+    for (name, layer, output), m in maps.items():
+        t = techniques.get(name)
+        kind = t.outputs[output].kind if t is not None and output in t.outputs else None
+        if kind in (Kind.HEATMAP, Kind.GRADIENT) and m.is_floating_point() and tuple(m.shape[:2]) == (N, K):
+            m = m.masked_fill(~valid.view(N, K, *(1,) * (m.dim() - 2)).to(m.device), float("nan"))
+        out[name, layer, output] = m
+    return out

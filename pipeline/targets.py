@@ -1,4 +1,7 @@
-"""Which class each map explains: `target=pred | label | <int> | topk:<k> | "<class name>"`.
+"""Which class each map explains: `target=pred | label | <int> | topk:<k> | "<class name>" | similar:PATH`.
+
+`similar:PATH`: the one score of a model seen through pipeline.scores' similarity to the image at
+PATH (column 0 of its scores [N, 1]).
 
 `label`: each input's annotated class (data.annotations, pipeline.data.annotations), given to
 the batch's Pass as explicit targets; `select` cannot choose it from the logits."""
@@ -14,7 +17,7 @@ from pipeline.data.annotations import close_names
 
 @dataclass(frozen=True)
 class TargetSpec:
-    mode: str  # "pred" | "label" | "index" | "topk"
+    mode: str  # "pred" | "label" | "index" | "topk" | "similar"
     value: int = 1  # class index for "index", k for "topk"
 
     @classmethod
@@ -25,6 +28,8 @@ class TargetSpec:
         text = str(text).strip()
         if text in ("pred", "label"):
             return cls(text)
+        if text.startswith("similar:"):
+            return cls("similar", 0)
         if text.isdigit():
             return cls("index", int(text))
         if text[:1] in "+-" and text[1:].isdigit():  # a signed index: never a class name
@@ -63,6 +68,6 @@ class TargetSpec:
         (its labels are passed as the Pass's `targets`): ValueError."""
         if self.mode == "label":
             raise ValueError("target=label: the inputs' labels must be given as explicit targets")
-        if self.mode == "index":
+        if self.mode in ("index", "similar"):
             return torch.full((logits.shape[0], 1), self.value, dtype=torch.long, device=logits.device)
         return logits.detach().topk(self.k, dim=1).indices

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import pickle
 import re
 import zipfile
@@ -37,6 +38,8 @@ def arch_net(arch: str, num_classes: Optional[int]) -> nn.Module:
     import torchvision.models as tvm
 
     if arch in tvm.list_models():
+        if "weights_backbone" in inspect.signature(tvm.get_model_builder(arch)).parameters:
+            kwargs["weights_backbone"] = None  # segmentation / detection: no backbone weights read either
         return tvm.get_model(arch, weights=None, **kwargs)
     if timm.is_model(arch):
         return timm.create_model(arch, pretrained=False, **kwargs)

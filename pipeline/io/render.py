@@ -268,6 +268,24 @@ def draw_summary(out_dir, technique: str, arrays: Dict[Tuple[str, str], np.ndarr
     return [path] if path else []
 
 
+def draw_boxes(display: np.ndarray, boxes: np.ndarray, labels: np.ndarray, class_name: Callable[[int], str]) -> np.ndarray:
+    """A copy of the batch's images [N, S, S, 3] uint8 with each input's boxes [N, K, 4] (x0, y0,
+    x1, y1 in their pixels) drawn and titled "<k>: <class>"; label -1 (no box) is not drawn."""
+    out = display.copy()
+    for n in range(out.shape[0]):
+        image = np.ascontiguousarray(out[n])
+        for k, (box, lab) in enumerate(zip(boxes[n], labels[n])):
+            if lab < 0:
+                continue
+            x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+            colour = (255, 255, 0) if k == 0 else (0, 255, 255)
+            cv2.rectangle(image, (x0, y0), (x1, y1), colour, 1)
+            cv2.putText(image, f"{k}: {class_name(int(lab))}", (x0 + 1, max(8, y0 + 8)), cv2.FONT_HERSHEY_SIMPLEX,
+                        0.3, colour, 1, cv2.LINE_AA)
+        out[n] = image
+    return out
+
+
 def png_name(item_id: str) -> str:
     """The PNG file name of an input, the same in every `png/<technique>/` folder (maps.h5 records
     it per row in the `png` dataset). An id made of ASCII letters, digits and `._-@` only, up to

@@ -110,7 +110,8 @@ class AsyncWriter:
 
     def _draw(self, r: BatchRecord, i: int, item: Item) -> None:
         """The PNGs of row i of a batch, one per technique."""
-        targets = [(self.class_name(int(t)), float(s)) for t, s in zip(r.targets[i], r.scores[i])]
+        # a NaN score: a detection model's empty slot (fewer boxes than targets; they come last), not drawn
+        targets = [(self.class_name(int(t)), float(s)) for t, s in zip(r.targets[i], r.scores[i]) if not np.isnan(s)]
         for technique, kinds in self.kinds.items():
             maps = {(l, o): d[i] for (t, l, o), d in r.maps.items() if t == technique}
             if render_input(self.out_dir, item.id, technique, kinds, maps, r.display[i], targets, self.render,

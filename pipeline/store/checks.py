@@ -19,6 +19,7 @@ from pipeline.store.layout import ROWS, RUN_KEY, SKIPPED, SKIPPED_ROWS
 LEGACY_DEFAULTS = {"store": {"dtype": "float32"},  # what runs made before these keys existed did
                    "layout": "auto",  # before layouts, every layer was read as it is (auto: the same for CNNs)
                    "precision": "fp32",
+                   "score": {"region": None, "min_score": 0.5, "iou": 0.5},  # before pipeline.scores: classifier logits only
                    "evaluate": {"pointing_tolerance": 15, "road_percentages": list(range(10, 100, 10))}}
 
 
