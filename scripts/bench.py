@@ -1,6 +1,6 @@
 """Throughput of each technique end to end, as a ratio to a bare no-grad forward pass.
 
-    python scripts/bench.py [--n 64] [--batch-size 16] [--device auto] [--repeat 2] [--only foundation|techniques|comparisons|featvis|rf|sweep|dataset|metrics|allocator]
+    python scripts/bench.py [--n 64] [--batch-size 16] [--device auto] [--repeat 2] [--only foundation|techniques|comparisons|featvis|rf|sweep|dataset|metrics|allocator|peers]
 
 All runs happen in this one process on the same inputs: the bundled sample photos copied to
 --n files. The bare forward pass times only `model(x)` under no_grad on batches already decoded
@@ -21,6 +21,9 @@ keep_freed_memory=true (scripts/bench_allocator.py), each in a fresh process.
 
 Section "dataset" (issue 13, scripts/bench_dataset.py): dataset_examples and channel_relevance end
 to end on --n inputs, and their peak resident memory at 256 and 2048 inputs.
+
+Section "peers" (issue 16, scripts/bench_peers.py): every technique a peer also has, against
+Captum, pytorch-grad-cam and torchcam in this one process, interleaved repetitions, medians.
 
 Section "metrics" (issue 14, scripts/bench_metrics.py): ROAD, confidence and sparseness on one batch
 of Grad-CAM maps, against Quantus where it imports.
@@ -58,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_allocator import allocator_section  # noqa: E402 - scripts/ beside this file
 from bench_dataset import dataset_section  # noqa: E402
 from bench_metrics import metrics_section  # noqa: E402
+from bench_peers import peers_section  # noqa: E402
 
 THREE = "layers=[blocks.5,blocks.6,bn2]"
 CASES = [  # (label, overrides)
@@ -321,9 +325,10 @@ def main(argv=None) -> None:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--n-small", type=int, default=16, help="inputs per technique in the techniques table")
-    parser.add_argument("--names", default=None, help="techniques table: only these (comma-separated)")
+    parser.add_argument("--names", default=None, help="techniques and peers tables: only these (comma-separated)")
+    parser.add_argument("--peers-batch", type=int, default=8, help="inputs per call in the peers table")
     parser.add_argument("--only", choices=["foundation", "techniques", "comparisons", "featvis", "rf", "sweep", "dataset",
-                                           "metrics", "allocator"],
+                                           "metrics", "allocator", "peers"],
                         default=None)
     args = parser.parse_args(argv)
 
@@ -357,6 +362,9 @@ def main(argv=None) -> None:
                 return
             if args.only == "allocator":
                 allocator_section(common, paths, tmp, args)
+                return
+            if args.only == "peers":
+                peers_section(base, device, args.peers_batch, args.repeat, args.names.split(",") if args.names else None)
                 return
             if args.only == "metrics":
                 metrics_section(base, device, args.batch_size)

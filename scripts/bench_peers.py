@@ -1,0 +1,183 @@
+"""Section "peers" (issue 16): every technique a peer library also has, side by side in one process.
+
+    python scripts/bench.py --only peers [--peers-batch 8] [--repeat 3]
+
+The project's technique (`Technique.attribute`, the maps only: no decoding, HDF5 or PNG) against
+Captum, pytorch-grad-cam and torchcam on the same batch, the same model and layer and the same
+target classes (the predicted ones), on two architectures: the embedded EfficientNet-Lite0 (real
+weights) and torchvision ResNet-18 (random weights: timing only). Repetitions are interleaved
+(ours, peer a, peer b, ours, ...) so that a slow spell of this shared machine hits every
+implementation alike; each figure is the median images/s over --repeat repetitions, and the
+ratio is ours / the peer's. Settings that differ between libraries are matched where each lets
+them be set (batches of 16 rows for masks, steps and perturbations; IG 32 steps; SmoothGrad 25
+samples, noise 0.15; occlusion 32 x 32 windows, stride 16, zero baseline). A peer that is not
+installed is left out with a line saying so (`pip install -e '.[peers]'` installs all three; they
+are never dependencies of the pipeline).
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import cv2
+import torch
+
+from pipeline.data import SAMPLES_DIR, prepare
+from pipeline.models import build_model
+from pipeline.targets import TargetSpec
+from pipeline.techniques import get_technique
+
+ROWS = 16  # rows per forward for masks, steps and perturbations, in every library
+
+
+def _peer(name: str):
+    try:
+        if name == "captum":
+            import captum.attr as mod
+        elif name == "pytorch-grad-cam":
+            import pytorch_grad_cam as mod
+        else:
+            import torchcam.methods as mod
+        return mod
+    except Exception as err:  # not installed: its columns are left out
+        print(f"{name}: not importable here ({type(err).__name__}: {err}); its rows are left out")
+        return None
+
+
+def ours(name: str, layer: str, **options) -> Callable:
+    technique = get_technique(name)(**options)
+    return lambda model, x, t: technique.attribute(model, x, [layer], TargetSpec.parse("pred"), max_batch=ROWS)
+
+
+def captum_fns(captum, layer_module) -> Dict[str, Callable]:
+    def call(cls, **kw):
+        def fn(model, x, t):
+            return cls(model).attribute(x, target=t, **kw)
+        return fn
+
+    def noise_tunnel(model, x, t):
+        return captum.NoiseTunnel(captum.Saliency(model)).attribute(
+            x, target=t, nt_type="smoothgrad", nt_samples=25, nt_samples_batch_size=ROWS, stdevs=0.15)
+
+    return {
+        "gradcam": lambda model, x, t: captum.LayerGradCam(model, layer_module(model)).attribute(x, target=t),
+        "guided_gradcam": lambda model, x, t: captum.GuidedGradCam(model, layer_module(model)).attribute(x, target=t),
+        "saliency": call(captum.Saliency, abs=True),
+        "guided_backprop": call(captum.GuidedBackprop),
+        "deconvnet": call(captum.Deconvolution),
+        "gradxinput": call(captum.InputXGradient),
+        "integrated_gradients": call(captum.IntegratedGradients, n_steps=32, internal_batch_size=ROWS),
+        "smoothgrad": noise_tunnel,
+        "occlusion": call(captum.Occlusion, sliding_window_shapes=(3, 32, 32), strides=(3, 16, 16), baselines=0,
+                          perturbations_per_eval=ROWS),
+    }
+
+
+def gradcam_fns(gc, layer_module) -> Dict[str, Callable]:
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    def cam(cls, **kw):
+        def fn(model, x, t):  # frozen parameters: its layer gradients need an input that needs grad
+            with cls(model=model, target_layers=[layer_module(model)], **kw) as method:
+                return method(input_tensor=x.detach().requires_grad_(True), targets=[ClassifierOutputTarget(int(c)) for c in t])
+        return fn
+
+    copies: Dict[int, torch.nn.Module] = {}
+
+    def guided(model, x, t):  # one input per call (its API); it swaps the model's nn.ReLU modules: on a copy
+        from pytorch_grad_cam import GuidedBackpropReLUModel
+
+        if id(model) not in copies:
+            copies[id(model)] = copy.deepcopy(model)
+        gb = GuidedBackpropReLUModel(model=copies[id(model)], device=x.device)
+        return [gb(x[n:n + 1].detach().clone(), target_category=int(c)) for n, c in enumerate(t)]
+
+    return {"guided_backprop": guided,
+            "gradcam": cam(gc.GradCAM), "gradcampp": cam(gc.GradCAMPlusPlus), "xgradcam": cam(gc.XGradCAM),
+            "layercam": cam(gc.LayerCAM), "eigencam": cam(gc.EigenCAM),
+            "scorecam": cam(gc.ScoreCAM), "ablationcam": cam(gc.AblationCAM, batch_size=ROWS)}
+
+
+def torchcam_fns(tc, layer: str) -> Dict[str, Callable]:
+    def cam(cls, **kw):
+        def fn(model, x, t):  # torchcam reads layer gradients off a backward from the scores: the input must need grad
+            with cls(model, target_layer=layer, **kw) as extractor:
+                scores = model(x.detach().requires_grad_(True))
+                return extractor(class_idx=[int(c) for c in t], scores=scores)
+        return fn
+
+    return {"gradcam": cam(tc.GradCAM), "gradcampp": cam(tc.GradCAMpp), "xgradcam": cam(tc.XGradCAM),
+            "layercam": cam(tc.LayerCAM), "scorecam": cam(tc.ScoreCAM, batch_size=ROWS)}
+
+
+def architectures(base, device, n: int):
+    import torchvision
+
+    loaded = build_model(base.model, device)
+    samples = sorted(SAMPLES_DIR.glob("*.jpg"))
+    x = torch.stack([prepare(cv2.cvtColor(cv2.imread(str(samples[i % len(samples)])), cv2.COLOR_BGR2RGB), None,
+                             loaded.preprocess)[0] for i in range(n)]).to(device)
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18(weights=None).eval().to(device)
+    for p in resnet.parameters():
+        p.requires_grad_(False)
+    # CAM layers: the last stage of each (320 and 512 channels: Score-/Ablation-CAM run one row per channel)
+    return [("EfficientNet-Lite0", loaded.module, "blocks.6", x), ("ResNet-18", resnet, "layer4", x)]
+
+
+def median_rate(fn: Callable, n: int) -> float:
+    start = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - start)
+
+
+def peers_section(base, device, batch: int = 8, repeat: int = 3, names: Optional[List[str]] = None) -> None:
+    captum, gc, tc = _peer("captum"), _peer("pytorch-grad-cam"), _peer("torchcam")
+    for arch, model, layer, x in architectures(base, device, batch):
+        module = lambda m, layer=layer: m.get_submodule(layer)  # noqa: E731
+        with torch.no_grad():
+            targets = model(x).argmax(1)
+        libraries: Dict[str, Dict[str, Callable]] = {}
+        if captum:
+            libraries["Captum"] = captum_fns(captum, module)
+        if gc:
+            libraries["pytorch-grad-cam"] = gradcam_fns(gc, module)
+        if tc:
+            libraries["torchcam"] = torchcam_fns(tc, layer)
+        settings = {"integrated_gradients": {"steps": 32}, "smoothgrad": {"samples": 25, "noise": 0.15},
+                    "occlusion": {"window": 32, "stride": 16}}
+        techniques = sorted({t for fns in libraries.values() for t in fns} & set(names or []) if names else
+                            {t for fns in libraries.values() for t in fns})
+        print(f"\n# peers on {arch} ({layer} for the CAMs), batch {batch}, {x.shape[-1]} px, "
+              f"median of {repeat}, images/s (ratio = ours / peer)")
+        print(f"{'technique':<22} {'ours':>8} " + " ".join(f"{lib:>26}" for lib in libraries))
+        for name in techniques:
+            opts = settings.get(name, {})
+            impls: List[Tuple[str, Callable]] = [("ours", ours(name, layer, **opts))]
+            impls += [(lib, fns[name]) for lib, fns in libraries.items() if name in fns]
+            rates: Dict[str, List[float]] = {label: [] for label, _ in impls}
+            failed = set()
+            for rep in range(repeat + 1):  # the first round warms every implementation up, untimed
+                for label, fn in impls:  # interleaved
+                    if label in failed:
+                        continue
+                    try:
+                        rate = median_rate(lambda: fn(model, x, targets), batch)
+                    except Exception as err:
+                        print(f"  {name} / {label}: failed ({type(err).__name__}: {str(err)[:120]})")
+                        failed.add(label)
+                        rates[label] = []
+                        continue
+                    if rep:
+                        rates[label].append(rate)
+            mine = statistics.median(rates["ours"]) if rates["ours"] else float("nan")
+            cells = []
+            for lib in libraries:
+                if lib in rates and rates[lib]:
+                    theirs = statistics.median(rates[lib])
+                    cells.append(f"{theirs:>10.2f} ({mine / theirs:>5.2f}x)".rjust(26))
+                else:
+                    cells.append(f"{'-':>26}")
+            print(f"{name:<22} {mine:>8.2f} " + " ".join(cells), flush=True)
