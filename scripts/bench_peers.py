@@ -133,6 +133,33 @@ def median_rate(fn: Callable, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def row(name: str, impls: List[Tuple[str, Callable]], model, x, targets, repeat: int) -> Dict[str, float]:
+    """{implementation: median images/s} over `repeat` interleaved rounds after one untimed
+    warm-up round; a failing implementation is reported and left out."""
+    rates: Dict[str, List[float]] = {label: [] for label, _ in impls}
+    failed = set()
+    for rep in range(repeat + 1):
+        for label, fn in impls:  # interleaved
+            if label in failed:
+                continue
+            try:
+                rate = median_rate(lambda: fn(model, x, targets), x.shape[0])
+            except Exception as err:
+                print(f"  {name} / {label}: failed ({type(err).__name__}: {str(err)[:120]})")
+                failed.add(label)
+                continue
+            if rep:
+                rates[label].append(rate)
+    return {label: statistics.median(r) for label, r in rates.items() if r and label not in failed}
+
+
+def print_row(name: str, medians: Dict[str, float], libraries) -> None:
+    mine = medians.get("ours", float("nan"))
+    cells = [f"{medians[lib]:>10.2f} ({mine / medians[lib]:>5.2f}x)".rjust(26) if lib in medians else f"{'-':>26}"
+             for lib in libraries]
+    print(f"{name:<22} {mine:>8.2f} " + " ".join(cells), flush=True)
+
+
 def peers_section(base, device, batch: int = 8, repeat: int = 3, names: Optional[List[str]] = None) -> None:
     captum, gc, tc = _peer("captum"), _peer("pytorch-grad-cam"), _peer("torchcam")
     for arch, model, layer, x in architectures(base, device, batch):
@@ -148,36 +175,20 @@ def peers_section(base, device, batch: int = 8, repeat: int = 3, names: Optional
             libraries["torchcam"] = torchcam_fns(tc, layer)
         settings = {"integrated_gradients": {"steps": 32}, "smoothgrad": {"samples": 25, "noise": 0.15},
                     "occlusion": {"window": 32, "stride": 16}}
-        techniques = sorted({t for fns in libraries.values() for t in fns} & set(names or []) if names else
-                            {t for fns in libraries.values() for t in fns})
+        known = {t for fns in libraries.values() for t in fns}
+        techniques = sorted(known & set(names) if names else known)
         print(f"\n# peers on {arch} ({layer} for the CAMs), batch {batch}, {x.shape[-1]} px, "
               f"median of {repeat}, images/s (ratio = ours / peer)")
         print(f"{'technique':<22} {'ours':>8} " + " ".join(f"{lib:>26}" for lib in libraries))
         for name in techniques:
-            opts = settings.get(name, {})
-            impls: List[Tuple[str, Callable]] = [("ours", ours(name, layer, **opts))]
+            impls = [("ours", ours(name, layer, **settings.get(name, {})))]
             impls += [(lib, fns[name]) for lib, fns in libraries.items() if name in fns]
-            rates: Dict[str, List[float]] = {label: [] for label, _ in impls}
-            failed = set()
-            for rep in range(repeat + 1):  # the first round warms every implementation up, untimed
-                for label, fn in impls:  # interleaved
-                    if label in failed:
-                        continue
-                    try:
-                        rate = median_rate(lambda: fn(model, x, targets), batch)
-                    except Exception as err:
-                        print(f"  {name} / {label}: failed ({type(err).__name__}: {str(err)[:120]})")
-                        failed.add(label)
-                        rates[label] = []
-                        continue
-                    if rep:
-                        rates[label].append(rate)
-            mine = statistics.median(rates["ours"]) if rates["ours"] else float("nan")
-            cells = []
-            for lib in libraries:
-                if lib in rates and rates[lib]:
-                    theirs = statistics.median(rates[lib])
-                    cells.append(f"{theirs:>10.2f} ({mine / theirs:>5.2f}x)".rjust(26))
-                else:
-                    cells.append(f"{'-':>26}")
-            print(f"{name:<22} {mine:>8.2f} " + " ".join(cells), flush=True)
+            print_row(name, row(name, impls, model, x, targets, repeat), libraries)
+        if gc and arch == "EfficientNet-Lite0" and (not names or "ablationcam" in names):
+            # Ablation-CAM at the last conv layer (conv_head, 1280 channels: 1280 ablated copies per
+            # input), one input, against pytorch-grad-cam's, whose copies each run the whole network
+            last = lambda m: m.conv_head  # noqa: E731
+            impls = [("ours", ours("ablationcam", "conv_head")),
+                     ("pytorch-grad-cam", gradcam_fns(gc, last)["ablationcam"])]
+            print_row("ablationcam conv_head", row("ablationcam", impls, model, x[:1], targets[:1], repeat),
+                      libraries)
