@@ -44,7 +44,11 @@ def check_equal(model, x, window, stride, max_batch, monkeypatch, fill=0.0):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     calls = boxes_computed(monkeypatch)
     no_full_inference(monkeypatch)
+    rows, real_run = [], incremental.Incremental._run
+    monkeypatch.setattr(incremental.Incremental, "_run", lambda self, patch: rows.append(len(patch.src))
+                        or real_run(self, patch))
     inc = drops(model, x, window, stride, max_batch, True, fill)
+    assert max(rows) <= max_batch and sum(rows) == x.shape[0] * full_windows(x, window, stride)
     assert inc.shape == full.shape == (x.shape[0], 2) + tuple(x.shape[2:])
     assert full.abs().max() > 0
     assert ((inc - full).abs().max() / full.abs().max()) <= 1e-5
@@ -53,6 +57,10 @@ def check_equal(model, x, window, stride, max_batch, monkeypatch, fill=0.0):
     assert all(torch.equal(state[k], after[k]) for k in state) and not model.training
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     return calls
+
+
+def full_windows(x, window, stride):
+    return len(occlusion.starts(x.shape[2], window, stride)) * len(occlusion.starts(x.shape[3], window, stride))
 
 
 def seeded(build):

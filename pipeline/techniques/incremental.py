@@ -270,6 +270,8 @@ class Incremental:
             if isinstance(a, Patch) and isinstance(b, Patch):
                 if a.clean.shape != b.clean.shape or clean.shape != a.clean.shape:
                     return None
+                if a.box == b.box and torch.equal(a.y0, b.y0) and torch.equal(a.x0, b.x0):
+                    return Patch(clean, a.src, a.y0, a.x0, self._call(n, (a.data, b.data), kwargs))
                 y0, x0, bh, bw = self._union(a, b, clean.shape[2:])
                 if bh * bw >= FULL_FRACTION * clean.shape[2] * clean.shape[3]:
                     return None
@@ -355,8 +357,12 @@ class Incremental:
             reads.append((size - 1) * s[i] + (k[i] - 1) * d[i] + 1)
         if sizes[0] * sizes[1] >= FULL_FRACTION * clean.shape[2] * clean.shape[3]:
             return None
-        base = F.pad(p.clean, (left, right, top, bottom), value=g["value"]) if any(g["pads"]) else p.clean
-        crop = p.region(starts[0] * s[0], starts[1] * s[1], reads[0], reads[1], base, top, left)
+        ys, xs = starts[0] * s[0], starts[1] * s[1]
+        if (reads[0], reads[1]) == p.box and torch.equal(ys, p.y0 + top) and torch.equal(xs, p.x0 + left):
+            crop = p.data  # the region read is the box itself (e.g. a 1x1 convolution)
+        else:
+            base = F.pad(p.clean, (left, right, top, bottom), value=g["value"]) if any(g["pads"]) else p.clean
+            crop = p.region(ys, xs, reads[0], reads[1], base, top, left)
         data = g["fn"](crop)
         if tuple(data.shape[2:]) != tuple(sizes):
             raise Unsupported(f"{type(mod).__name__}: box {tuple(data.shape[2:])} != {tuple(sizes)}")
