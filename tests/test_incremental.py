@@ -164,3 +164,24 @@ def test_a_graph_that_does_not_reproduce_the_logits_falls_back(caplog, monkeypat
         inc = drops(model, x, 8, 4, 4, True)
     assert "does not reproduce" in caplog.text
     assert torch.equal(inc, drops(model, x, 8, 4, 4, False))
+
+
+class Counting(nn.Module):
+    """Records the batch size of every call, and how many calls: Python state tracing must not touch."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.sizes, self.calls = SENet(), [], 0
+
+    def forward(self, x):
+        self.sizes.append(x.shape[0])
+        self.calls += 1
+        return self.net(x)
+
+
+def test_tracing_leaves_the_models_python_state_as_it_was(monkeypatch, one_thread):
+    model = seeded(Counting)
+    calls = boxes_computed(monkeypatch)
+    drops(model, torch.randn(2, 3, 16, 16), 8, 4, 4, True)
+    assert any(calls) and model.sizes == [2] and model.calls == 1  # the Pass's own forward only
+    assert not hasattr(model, "graph") and isinstance(occlusion._engine(model), incremental.Incremental)

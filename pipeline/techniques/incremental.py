@@ -17,6 +17,7 @@ A model that cannot be traced, or whose traced graph does not reproduce its logi
 """
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from dataclasses import dataclass, field
@@ -110,6 +111,25 @@ def _static_ok(v: Any) -> bool:
     return torch.is_tensor(v) and (v.numel() == 1 or (v.dim() >= 3 and v.shape[-1] == v.shape[-2] == 1))
 
 
+def _public_state(model: nn.Module) -> list:
+    """Each module's public attributes: (module, {name: (value, a copy of a list / dict / set)})."""
+    return [(m, {k: (v, copy.copy(v) if isinstance(v, (list, dict, set)) else None)
+                 for k, v in vars(m).items() if not k.startswith("_")}) for m in model.modules()]
+
+
+def _restore(model: nn.Module, saved: list) -> None:
+    """Put back what `_public_state` saw: values rebound, containers' contents, attributes added."""
+    for m, attrs in saved:
+        for k in [k for k in vars(m) if not k.startswith("_") and k not in attrs]:
+            delattr(m, k)
+        for k, (v, content) in attrs.items():
+            if vars(m).get(k) is not v:
+                setattr(m, k, v)
+            if content is not None:  # refilled without comparing (elements may be proxies or tensors)
+                v.clear()
+                v.extend(content) if isinstance(v, list) else v.update(content)
+
+
 def _inplace_safe(fn, args: tuple, kwargs: dict):
     """Call fn with its first tensor argument cloned when the call would write into it."""
     if args and torch.is_tensor(args[0]):
@@ -121,10 +141,13 @@ class Incremental:
     """The traced model run on occluded copies; see the module docstring."""
 
     def __init__(self, model: nn.Module):
+        saved = _public_state(model)
         try:
             self.gm = trace(model)
         except Exception as err:  # noqa: BLE001 - GraphError or anything fx raised
             raise Unsupported(str(err)) from None
+        finally:  # tracing ran forward() once on proxies: undo what it wrote into the modules
+            _restore(model, saved)
         self.modules = dict(self.gm.named_modules())
         self.nodes = list(self.gm.graph.nodes)
         inputs = [n for n in self.nodes if n.op == "placeholder"]
