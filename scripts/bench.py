@@ -1,6 +1,6 @@
 """Throughput of each technique end to end, as a ratio to a bare no-grad forward pass.
 
-    python scripts/bench.py [--n 64] [--batch-size 16] [--device auto] [--repeat 2] [--only foundation|techniques|comparisons|featvis|rf|sweep|dataset|metrics|allocator|peers]
+    python scripts/bench.py [--n 64] [--batch-size 16] [--device auto] [--repeat 2] [--only foundation|techniques|comparisons|featvis|rf|sweep|dataset|metrics|allocator|incremental|peers]
 
 All runs happen in this one process on the same inputs: the bundled sample photos copied to
 --n files. The bare forward pass times only `model(x)` under no_grad on batches already decoded
@@ -27,6 +27,9 @@ Captum, pytorch-grad-cam and torchcam in this one process, interleaved repetitio
 
 Section "metrics" (issue 14, scripts/bench_metrics.py): ROAD, confidence and sparseness on one batch
 of Grad-CAM maps, against Quantus where it imports.
+
+Section "incremental" (issue 16, scripts/bench_incremental.py): occlusion by full against incremental
+inference (and Captum's Occlusion where it imports) on VGG16, ResNet-50 and the embedded model.
 
 Section "featvis" (issue 4): filter_vis for all channels of blocks.4, batched against one channel
 at a time.
@@ -60,6 +63,7 @@ from pipeline.techniques import REGISTRY
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_allocator import allocator_section  # noqa: E402 - scripts/ beside this file
 from bench_dataset import dataset_section  # noqa: E402
+from bench_incremental import incremental_section  # noqa: E402
 from bench_metrics import metrics_section  # noqa: E402
 from bench_peers import peers_section  # noqa: E402
 
@@ -328,7 +332,7 @@ def main(argv=None) -> None:
     parser.add_argument("--names", default=None, help="techniques and peers tables: only these (comma-separated)")
     parser.add_argument("--peers-batch", type=int, default=8, help="inputs per call in the peers table")
     parser.add_argument("--only", choices=["foundation", "techniques", "comparisons", "featvis", "rf", "sweep", "dataset",
-                                           "metrics", "allocator", "peers"],
+                                           "metrics", "allocator", "incremental", "peers"],
                         default=None)
     args = parser.parse_args(argv)
 
@@ -369,6 +373,9 @@ def main(argv=None) -> None:
             if args.only == "metrics":
                 metrics_section(base, device, args.batch_size)
                 return
+            if args.only == "incremental":
+                incremental_section(base, device)
+                return
             if args.only == "dataset":
                 dataset_section(common, forward, tmp, args, make_inputs)
                 return
@@ -388,6 +395,7 @@ def main(argv=None) -> None:
                 featvis_section(base, device)
                 rf_section(args, device)
                 dataset_section(common, forward, tmp, args, make_inputs)
+                incremental_section(base, device)
                 sweep_section(args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
