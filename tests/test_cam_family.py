@@ -208,12 +208,20 @@ class Residual(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
+@pytest.mark.parametrize("engine", ["traced", "hook"])
 @pytest.mark.parametrize("mix", ["add", "cat", "batch"])
 @pytest.mark.parametrize("max_batch", [1, 3, 64])
-def test_ablation_on_the_tail_equals_whole_forwards(mix, max_batch, caplog):
-    """tail=true runs the layers before `relu` once per input and chunk (batch 1) and only the rest
-    on the grown batch; where the rest cannot take it (a concatenation raises, a batch mean gives
-    other logits for the unablated copy) it falls back to whole forwards. Same maps every way."""
+def test_ablation_on_the_tail_equals_whole_forwards(mix, max_batch, engine, caplog, monkeypatch):
+    """tail=true runs only the network after `relu` on the ablated copies: from the traced graph
+    split at the layer (the layers before run once per input), or, for a model torch.fx cannot
+    trace, from a hook that grows one input's batch at the layer (they run once per chunk). Where
+    the rest cannot take the copies (a concatenation with a tensor from before the layer raises, a
+    batch mean gives other logits for the unablated copy) it falls back to whole forwards. Same
+    maps every way."""
+    import pipeline.techniques.ablationcam as ablation
+
+    if engine == "hook":
+        monkeypatch.setattr(ablation, "traced_tail", lambda model, layer: None)
     x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(4))
     target = TargetSpec.parse("topk:2")
     maps, sizes = {}, {}
@@ -227,14 +235,18 @@ def test_ablation_on_the_tail_equals_whole_forwards(mix, max_batch, caplog):
         handle.remove()
         maps[tail], sizes[tail] = result.maps["net.relu", "cam"], (model.sizes[1:], grown[1:])
         assert hook_count(model) == 0 and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-        assert max(sizes[tail][1]) <= max_batch
+        assert model.sizes[0] == 3 and max(sizes[tail][1]) <= max_batch  # tracing left no proxy in sizes
     torch.testing.assert_close(maps[True], maps[False], rtol=1e-4, atol=1e-5)  # (y - y_c) / y in float32
     assert float(maps[False].abs().sum()) > 0
     inputs, grown = sizes[True]
-    if mix == "add" or (mix == "cat" and max_batch == 1):  # every model call is one input; one copy at a time, a concatenation works too
-        assert set(inputs) == {1} and sum(grown) == 3 * 6 + 1 and "whole forwards" not in caplog.text
-        first = min(6, max_batch - 1)  # input 0's first forward: the check copy and `first` channels
-        assert len(inputs) == 1 + math.ceil((6 - first) / max_batch) + 2 * math.ceil(6 / max_batch)
+    first = min(6, max_batch - 1)  # input 0's first forward: the check copy and `first` channels
+    forwards = 1 + math.ceil((6 - first) / max_batch) + 2 * math.ceil(6 / max_batch)
+    if mix == "add" or (mix == "cat" and max_batch == 1):  # one copy at a time: a concatenation works too
+        clean_runs = 3 if engine == "traced" else 0  # traced: each input once through the whole graph
+        assert sum(grown) == 3 * 6 + 1 + clean_runs and len(grown) == forwards + clean_runs
+        assert "whole forwards" not in caplog.text
+        # traced: the model itself is never called again; hook: once per forward, one input each
+        assert inputs == ([] if engine == "traced" else [1] * forwards)
     else:
         assert "whole forwards per ablated copy" in caplog.text
         assert inputs[-1] > 1 or max_batch == 1  # the fallback's whole forwards

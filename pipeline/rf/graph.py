@@ -28,15 +28,21 @@ GEOMETRY = (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.p
 
 
 class _Tracer(fx.Tracer):
-    """Keeps convolution and pooling modules (subclasses included, e.g. timm's Conv2dSame) whole."""
+    """Keeps convolution and pooling modules (subclasses included, e.g. timm's Conv2dSame) whole,
+    and the modules named in `leaves`."""
+
+    def __init__(self, leaves: Sequence[str] = ()):
+        super().__init__()
+        self.leaves = frozenset(leaves)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, GEOMETRY) or super().is_leaf_module(m, qualname)
+        return qualname in self.leaves or isinstance(m, GEOMETRY) or super().is_leaf_module(m, qualname)
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """torch.fx graph of `model` (which is not changed); GraphError names the module that failed."""
-    tracer = _Tracer()
+def trace(model: nn.Module, leaves: Sequence[str] = ()) -> fx.GraphModule:
+    """torch.fx graph of `model` (which is not changed), the modules named in `leaves` kept whole
+    (one call_module node each); GraphError names the module that failed."""
+    tracer = _Tracer(leaves)
     try:
         graph = tracer.trace(model)
     except Exception as err:  # noqa: BLE001 - any tracing failure becomes one clear error

@@ -3,10 +3,11 @@ https://openaccess.thecvf.com/content_WACV_2020/html/Desai_Ablation-CAM_Visual_E
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+import weakref
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Iterator, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 from torch import nn
@@ -16,6 +17,8 @@ from pipeline.layouts import NCHW, Layout
 from pipeline.precision import forward_autocast
 from pipeline.techniques.base import chunks, register
 from pipeline.techniques.gradcam import CAM
+from pipeline.techniques.incremental import Unsupported
+from pipeline.techniques.tail import Tail
 from pipeline.techniques.scorecam import ForwardCAM, channel_scores, top_kept, weighted_sum
 
 log = logging.getLogger(__name__)
@@ -40,31 +43,49 @@ def zero_channels(module: nn.Module, layout: Layout = NCHW) -> Iterator[SimpleNa
         handle.remove()
 
 
+def grown_copies(out: torch.Tensor, channels: torch.Tensor, layout: Layout = NCHW) -> torch.Tensor:
+    """One input's layer output [1, ...] as m = len(channels) copies [m, ...], copy i with channel
+    channels[i] zeroed (-1: none), the channel axis read through `layout`."""
+    if out.shape[0] != 1:
+        raise RuntimeError(f"the layer output has batch {out.shape[0]}; one input is grown at a time")
+    big = out.expand(len(channels), *out.shape[1:])
+    maps = layout.to_maps(big).clone()  # [m, C, h, w]
+    rows = (channels >= 0).nonzero()[:, 0]
+    maps[rows, channels[rows]] = 0
+    return layout.from_maps(maps, big)
+
+
 @contextmanager
 def grow_at(module: nn.Module, layout: Layout = NCHW) -> Iterator[SimpleNamespace]:
     """While open, a forward of ONE input grows the batch at `module`: its output [1, ...] is handed
-    on as m copies, copy i with channel `state.channels[i]` zeroed (-1: none), so the layers before
-    run once and only the network after the module runs m rows. Tensors from before the module
-    that the rest of the network reuses (a residual) keep batch 1 and broadcast, which is exact for
-    elementwise use; anything else raises or is caught by the caller's check. Set
-    `state.channels` [m] (long) before each forward; the hook is removed in finally."""
+    on as grown_copies(out, state.channels), so only the network after the module runs m rows (the
+    layers before run once per forward). Tensors from before the module that the rest of the
+    network reuses (a residual) keep batch 1 and broadcast, which is exact for elementwise use;
+    anything else raises or is caught by the caller's check. Set `state.channels` [m] (long)
+    before each forward; the hook is removed in finally."""
     state = SimpleNamespace(channels=None)
-
-    def hook(mod, inputs, out):
-        m = len(state.channels)
-        if out.shape[0] != 1:
-            raise RuntimeError(f"grow_at expects one input, the layer output has batch {out.shape[0]}")
-        big = out.expand(m, *out.shape[1:])
-        maps = layout.to_maps(big).clone()  # [m, C, h, w]
-        rows = (state.channels >= 0).nonzero()[:, 0]
-        maps[rows, state.channels[rows]] = 0
-        return layout.from_maps(maps, big)
-
-    handle = module.register_forward_hook(hook)
+    handle = module.register_forward_hook(lambda mod, inputs, out: grown_copies(out, state.channels, layout))
     try:
         yield state
     finally:
         handle.remove()
+
+
+_TAILS: "weakref.WeakKeyDictionary[nn.Module, Dict[str, object]]" = weakref.WeakKeyDictionary()
+
+
+def traced_tail(model: nn.Module, layer: str) -> Optional[Tail]:
+    """The model's graph after `layer` (pipeline.techniques.tail), traced once per model and
+    layer; None (logged once) when torch.fx cannot split the model there."""
+    tails = _TAILS.setdefault(model, {})
+    if layer not in tails:
+        try:
+            tails[layer] = Tail(model, layer)
+        except Unsupported as err:
+            log.info("ablationcam: %s: the layers before it run again for each chunk of ablated copies "
+                     "(no traced graph to split there: %s)", layer, str(err)[:200])
+            tails[layer] = None
+    return tails[layer]
 
 
 def tail_jobs(N: int, Ck: int, max_batch: int):
@@ -79,35 +100,52 @@ def tail_jobs(N: int, Ck: int, max_batch: int):
 
 def tail_scores(p, layer: str, kept: torch.Tensor) -> Optional[torch.Tensor]:
     """Target logits [N, K, C'] with channel kept[n, j] of `layer` zeroed for input n, computed by
-    running the layers before `layer` once per input and chunk and the rest of the network on
-    max_batch ablated copies (grow_at), or None when this model's tail cannot take a batch grown
-    at the layer: the first chunk carries one unablated copy, which must reproduce the input's
-    logits (else the caller runs whole forwards)."""
+    running the network after `layer` on max_batch ablated copies at a time: the traced graph
+    after the layer from one clean run per input (traced_tail), or, where the model cannot be
+    traced, the whole model on one input with the copies grown at the layer's hook (grow_at: the
+    layers before run once per chunk). None when the network after the layer cannot take the
+    copies: the first chunk carries one unablated copy, which must reproduce the input's logits
+    (else the caller runs whole forwards)."""
     N, Ck = kept.shape
     K = p.targets.shape[1]
     scores = torch.empty(N, K, Ck, device=p.x.device)
     clean = p.logits.float()
     tol = 1e-4 if p.precision == "fp32" else 5e-2  # the grown copy's logits against the batch's own (fp32) forward
     p.progress.add(N * Ck)
-    with torch.no_grad(), grow_at(p.model.get_submodule(layer), p.layout_of(layer)) as grown:
+    layout, tail = p.layout_of(layer), traced_tail(p.model, layer)
+    clean_run: Dict[str, object] = {}  # the traced clean values of the input being ablated
+
+    def forward(n: int, channels: torch.Tensor) -> torch.Tensor:
+        if tail is None:
+            grown.channels = channels
+            return p.model(p.x[n:n + 1])
+        if clean_run.get("n") != n:
+            clean_run.update(n=n, env=tail.clean(p.x[n:n + 1]))
+        env = clean_run["env"]
+        out = tail.run(env, grown_copies(env[tail.at], channels, layout))
+        if not torch.is_tensor(out):
+            raise RuntimeError(f"the traced graph returns {type(out).__name__}, not logits")
+        return out
+
+    with torch.no_grad(), (grow_at(p.model.get_submodule(layer), layout) if tail is None else nullcontext()) as grown:
         for n, s, check in tail_jobs(N, Ck, p.max_batch):
             channels = kept[n, s]
-            grown.channels = torch.cat([channels.new_full((1,), -1), channels]) if check else channels
+            channels = torch.cat([channels.new_full((1,), -1), channels]) if check else channels
             try:
                 with forward_autocast(p.precision, p.x.device):
-                    logits = p.model(p.x[n:n + 1]).float()
+                    logits = forward(n, channels).float()
             except RuntimeError as err:  # e.g. a concatenation with a tensor from before the layer
                 log.info("ablationcam: %s: whole forwards per ablated copy (the network after the "
                          "layer does not take a grown batch: %s)", layer, err)
                 return None
-            if logits.shape[0] != len(grown.channels) or (
+            if logits.shape[0] != len(channels) or (
                     check and not torch.allclose(logits[0], clean[n], rtol=tol, atol=tol * float(clean[n].abs().max()))):
                 log.info("ablationcam: %s: whole forwards per ablated copy (an unablated copy grown "
                          "at the layer did not reproduce the logits)", layer)
                 return None
             logits = logits[1:] if check else logits
             scores[n, :, s] = logits[:, p.targets[n]].t()
-            p.progress.step(len(channels))
+            p.progress.step(len(logits))
     return scores
 
 

@@ -43,7 +43,7 @@ _UNARY = {"relu", "relu_", "relu6", "gelu", "silu", "silu_", "sigmoid", "sigmoid
 _BINARY = {"add", "add_", "iadd", "sub", "sub_", "isub", "mul", "mul_", "imul", "truediv", "div", "div_",
            "itruediv"}
 _SHAPE = {"size", "dim"}
-_INPLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
+INPLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
 _ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda"}
 
 
@@ -111,14 +111,14 @@ def _static_ok(v: Any) -> bool:
     return torch.is_tensor(v) and (v.numel() == 1 or (v.dim() >= 3 and v.shape[-1] == v.shape[-2] == 1))
 
 
-def _public_state(model: nn.Module) -> list:
+def public_state(model: nn.Module) -> list:
     """Each module's public attributes: (module, {name: (value, a copy of a list / dict / set)})."""
     return [(m, {k: (v, copy.copy(v) if isinstance(v, (list, dict, set)) else None)
                  for k, v in vars(m).items() if not k.startswith("_")}) for m in model.modules()]
 
 
-def _restore(model: nn.Module, saved: list) -> None:
-    """Put back what `_public_state` saw: values rebound, containers' contents, attributes added."""
+def restore(model: nn.Module, saved: list) -> None:
+    """Put back what `public_state` saw: values rebound, containers' contents, attributes added."""
     for m, attrs in saved:
         for k in [k for k in vars(m) if not k.startswith("_") and k not in attrs]:
             delattr(m, k)
@@ -130,7 +130,7 @@ def _restore(model: nn.Module, saved: list) -> None:
                 v.extend(content) if isinstance(v, list) else v.update(content)
 
 
-def _inplace_safe(fn, args: tuple, kwargs: dict):
+def inplace_safe(fn, args: tuple, kwargs: dict):
     """Call fn with its first tensor argument cloned when the call would write into it."""
     if args and torch.is_tensor(args[0]):
         args = (args[0].clone(),) + tuple(args[1:])
@@ -141,13 +141,13 @@ class Incremental:
     """The traced model run on occluded copies; see the module docstring."""
 
     def __init__(self, model: nn.Module):
-        saved = _public_state(model)
+        saved = public_state(model)
         try:
             self.gm = trace(model)
         except Exception as err:  # noqa: BLE001 - GraphError or anything fx raised
             raise Unsupported(str(err)) from None
         finally:  # tracing ran forward() once on proxies: undo what it wrote into the modules
-            _restore(model, saved)
+            restore(model, saved)
         self.modules = dict(self.gm.named_modules())
         self.nodes = list(self.gm.graph.nodes)
         inputs = [n for n in self.nodes if n.op == "placeholder"]
@@ -172,11 +172,11 @@ class Incremental:
         """Node n on ordinary values, as the model runs it (in-place calls on a copy)."""
         if n.op == "call_module":
             m = self.modules[n.target]
-            return _inplace_safe(m, args, kwargs) if getattr(m, "inplace", False) else m(*args, **kwargs)
+            return inplace_safe(m, args, kwargs) if getattr(m, "inplace", False) else m(*args, **kwargs)
         if n.op == "call_function":
             fn = n.target
-            inplace = _name(n).endswith("_") or fn in _INPLACE_OPERATORS or kwargs.get("inplace")
-            return _inplace_safe(fn, args, kwargs) if inplace else fn(*args, **kwargs)
+            inplace = _name(n).endswith("_") or fn in INPLACE_OPERATORS or kwargs.get("inplace")
+            return inplace_safe(fn, args, kwargs) if inplace else fn(*args, **kwargs)
         if n.op == "call_method":
             self_, *rest = args
             if n.target.endswith("_") and torch.is_tensor(self_):
