@@ -137,17 +137,47 @@ def inplace_safe(fn, args: tuple, kwargs: dict):
     return fn(*args, **kwargs)
 
 
+def traced(model: nn.Module, leaves=()) -> fx.GraphModule:
+    """pipeline.rf.graph.trace(model, leaves), the model left as it was (tracing runs forward() once
+    on proxies: what it writes into the modules' public attributes is put back); Unsupported
+    when it cannot be traced."""
+    saved = public_state(model)
+    try:
+        return trace(model, leaves)
+    except Exception as err:  # noqa: BLE001 - GraphError or anything fx raised
+        raise Unsupported(str(err)) from None
+    finally:
+        restore(model, saved)
+
+
+def run_node(n: fx.Node, args: tuple, kwargs: dict, modules: Dict[str, nn.Module], gm: fx.GraphModule) -> Any:
+    """Traced node n on ordinary values (its arguments resolved), as the model runs it; an in-place
+    call writes into a copy of its first argument, never into a kept value."""
+    if n.op == "call_module":
+        m = modules[n.target]
+        return inplace_safe(m, args, kwargs) if getattr(m, "inplace", False) else m(*args, **kwargs)
+    if n.op == "call_function":
+        fn = n.target
+        inplace = _name(n).endswith("_") or fn in INPLACE_OPERATORS or kwargs.get("inplace")
+        return inplace_safe(fn, args, kwargs) if inplace else fn(*args, **kwargs)
+    if n.op == "call_method":
+        self_, *rest = args
+        if n.target.endswith("_") and torch.is_tensor(self_):
+            self_ = self_.clone()
+        return getattr(self_, n.target)(*rest, **kwargs)
+    if n.op == "get_attr":
+        obj = gm
+        for part in n.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+    raise Unsupported(f"node {n.name}: {n.op}")
+
+
 class Incremental:
     """The traced model run on occluded copies; see the module docstring."""
 
     def __init__(self, model: nn.Module):
-        saved = public_state(model)
-        try:
-            self.gm = trace(model)
-        except Exception as err:  # noqa: BLE001 - GraphError or anything fx raised
-            raise Unsupported(str(err)) from None
-        finally:  # tracing ran forward() once on proxies: undo what it wrote into the modules
-            restore(model, saved)
+        self.gm = traced(model)
         self.modules = dict(self.gm.named_modules())
         self.nodes = list(self.gm.graph.nodes)
         inputs = [n for n in self.nodes if n.op == "placeholder"]
@@ -170,24 +200,7 @@ class Incremental:
     # -- running nodes --------------------------------------------------------------------------
     def _call(self, n: fx.Node, args: tuple, kwargs: dict) -> Any:
         """Node n on ordinary values, as the model runs it (in-place calls on a copy)."""
-        if n.op == "call_module":
-            m = self.modules[n.target]
-            return inplace_safe(m, args, kwargs) if getattr(m, "inplace", False) else m(*args, **kwargs)
-        if n.op == "call_function":
-            fn = n.target
-            inplace = _name(n).endswith("_") or fn in INPLACE_OPERATORS or kwargs.get("inplace")
-            return inplace_safe(fn, args, kwargs) if inplace else fn(*args, **kwargs)
-        if n.op == "call_method":
-            self_, *rest = args
-            if n.target.endswith("_") and torch.is_tensor(self_):
-                self_ = self_.clone()
-            return getattr(self_, n.target)(*rest, **kwargs)
-        if n.op == "get_attr":
-            obj = self.gm
-            for part in n.target.split("."):
-                obj = getattr(obj, part)
-            return obj
-        raise Unsupported(f"node {n.name}: {n.op}")
+        return run_node(n, args, kwargs, self.modules, self.gm)
 
     def clean(self, x: torch.Tensor) -> torch.Tensor:
         """Run the clean batch, keeping every node's output; returns the logits."""

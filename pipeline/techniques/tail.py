@@ -16,19 +16,12 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import map_aggregate
 
-from pipeline.rf.graph import trace
-from pipeline.techniques.incremental import INPLACE_OPERATORS, Unsupported, inplace_safe, public_state, restore
+from pipeline.techniques.incremental import Unsupported, run_node, traced
 
 
 class Tail:
     def __init__(self, model: nn.Module, layer: str):
-        saved = public_state(model)
-        try:
-            self.gm = trace(model, leaves=[layer])
-        except Exception as err:  # noqa: BLE001 - GraphError or anything fx raised
-            raise Unsupported(str(err)) from None
-        finally:  # tracing ran forward() once on proxies: undo what it wrote into the modules
-            restore(model, saved)
+        self.gm = traced(model, leaves=[layer])
         self.modules = dict(self.gm.named_modules())
         self.nodes = list(self.gm.graph.nodes)
         at = [n for n in self.nodes if n.op == "call_module" and n.target == layer]
@@ -69,23 +62,4 @@ class Tail:
         return map_aggregate(a, lambda v: env[v] if isinstance(v, fx.Node) else v)
 
     def _call(self, n: fx.Node, env) -> Any:
-        args, kwargs = self._value(n.args, env), self._value(n.kwargs, env)
-        if n.op == "call_module":
-            m = self.modules[n.target]
-            return inplace_safe(m, args, kwargs) if getattr(m, "inplace", False) else m(*args, **kwargs)
-        if n.op == "call_function":
-            fn = n.target
-            name = getattr(fn, "__name__", "")
-            inplace = name.endswith("_") or fn in INPLACE_OPERATORS or kwargs.get("inplace")
-            return inplace_safe(fn, args, kwargs) if inplace else fn(*args, **kwargs)
-        if n.op == "call_method":
-            self_, *rest = args
-            if n.target.endswith("_") and torch.is_tensor(self_):
-                self_ = self_.clone()
-            return getattr(self_, n.target)(*rest, **kwargs)
-        if n.op == "get_attr":
-            obj = self.gm
-            for part in n.target.split("."):
-                obj = getattr(obj, part)
-            return obj
-        raise Unsupported(f"node {n.name}: {n.op}")
+        return run_node(n, self._value(n.args, env), self._value(n.kwargs, env), self.modules, self.gm)
