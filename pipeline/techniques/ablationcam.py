@@ -30,17 +30,20 @@ def zero_channels(module: nn.Module, layout: Layout = NCHW) -> Iterator[SimpleNa
     `state.channels` [m] before each forward), the channel axis read through `layout`
     (channels-last, tokens: pipeline.layouts). The hook is removed in finally."""
     state = SimpleNamespace(channels=None)
-
-    def hook(mod, inputs, out):
-        maps = layout.to_maps(out).clone()  # [m, C, h, w]
-        maps[torch.arange(maps.shape[0], device=maps.device), state.channels] = 0
-        return layout.from_maps(maps, out)
-
-    handle = module.register_forward_hook(hook)
+    handle = module.register_forward_hook(lambda mod, inputs, out: ablated(out, state.channels, layout))
     try:
         yield state
     finally:
         handle.remove()
+
+
+def ablated(out: torch.Tensor, channels: torch.Tensor, layout: Layout = NCHW) -> torch.Tensor:
+    """A layer output [m, ...] as a new tensor with row i's channel channels[i] zeroed (-1: none),
+    the channel axis read through `layout`."""
+    maps = layout.to_maps(out).clone()  # [m, C, h, w]
+    rows = (channels >= 0).nonzero()[:, 0]
+    maps[rows, channels[rows]] = 0
+    return layout.from_maps(maps, out)
 
 
 def grown_copies(out: torch.Tensor, channels: torch.Tensor, layout: Layout = NCHW) -> torch.Tensor:
@@ -48,11 +51,7 @@ def grown_copies(out: torch.Tensor, channels: torch.Tensor, layout: Layout = NCH
     channels[i] zeroed (-1: none), the channel axis read through `layout`."""
     if out.shape[0] != 1:
         raise RuntimeError(f"the layer output has batch {out.shape[0]}; one input is grown at a time")
-    big = out.expand(len(channels), *out.shape[1:])
-    maps = layout.to_maps(big).clone()  # [m, C, h, w]
-    rows = (channels >= 0).nonzero()[:, 0]
-    maps[rows, channels[rows]] = 0
-    return layout.from_maps(maps, big)
+    return ablated(out.expand(len(channels), *out.shape[1:]), channels, layout)
 
 
 @contextmanager
@@ -153,9 +152,10 @@ def tail_scores(p, layer: str, kept: torch.Tensor) -> Optional[torch.Tensor]:
 class AblationCAM(ForwardCAM):
     """Channel weight = (y - y_c) / y, y the target logit and y_c the logit with channel c of the
     layer zeroed. With `tail` (default) only the network after the layer runs for the ablated
-    copies (max_batch per forward, the layers before once per input and chunk: tail_scores), checked
-    on an unablated copy; otherwise, or where that check fails, the whole model re-runs with a hook,
-    max_batch (input, channel) rows per forward. Returns cam [N, K, *S]."""
+    copies (max_batch per forward; the layers before once per input from the traced graph, or once
+    per chunk where the model cannot be traced: tail_scores), checked on an unablated copy;
+    otherwise, or where that check fails, the whole model re-runs with a hook, max_batch (input,
+    channel) rows per forward. Returns cam [N, K, *S]."""
 
     paper = Paper("Desai & Ramaswamy 2020",
                   "https://openaccess.thecvf.com/content_WACV_2020/html/Desai_Ablation-CAM_Visual_Explanations_for_Deep_Convolutional_Network_via_Gradient-free_Localization_WACV_2020_paper.html")
