@@ -13,12 +13,15 @@ pytorch-grad-cam's ROADCombined reports half of it). Unlike pytorch-grad-cam, wh
 Imputation happens in the model's normalised input space (the tensor the model is fed, as in
 pytorch-grad-cam) and the noise std 0.01 is absolute in that space. The linear system of an image
 is symmetric positive definite (restricted to its removed pixels); it is solved by conjugate
-gradients preconditioned with a multigrid V-cycle, vectorised over rows x channels; each plane
-stops at a relative residual of `TOL` (~5e-5 from an exact sparse solve, float32). Every step is
-elementwise or a per-plane sum, so a plane's result is the same to the bit whichever planes are
-solved beside it (tested), and the noise of a row is drawn from a generator keyed by the run's
-seed, the input's id, the order, the target class and p (pipeline.seeds): ROAD values do not
-depend on the batch, on max_batch or on resume boundaries. Only image inputs [N, C, H, W] are
+gradients preconditioned with a multigrid V-cycle, vectorised over rows x channels (the stencil
+and the grid transfers are depthwise convolutions, each plane its own channel). Each plane stops
+at a relative residual of `TOL`: on a 224 x 224 photo 4e-5 / 9e-5 / 3.5e-4 from an exact sparse
+solve at 10 / 50 / 90% removed (1e-6 gets 2e-5 / 7e-5 / 3.2e-4, float32's floor, for 11% more
+time; both far below the noise). Every step is elementwise, a per-plane sum or a per-plane
+convolution, so a plane's result is the same to the bit whichever planes are solved beside it
+(tested), and the noise of a row is drawn from a generator keyed by the run's seed, the input's
+id, the order, the target class and p (pipeline.seeds): ROAD values do not depend on the batch,
+on max_batch or on resume boundaries. Only image inputs [N, C, H, W] are
 supported.
 """
 from __future__ import annotations
@@ -35,65 +38,53 @@ from pipeline.seeds import keyed_generator
 from pipeline.techniques.base import rows_logits
 
 NOISE = 0.01  # std of the noise added to imputed pixels, in the model's input space
-TOL = 1e-6  # a plane stops once its residual norm is below TOL times its right-hand side's
+TOL = 1e-5  # a plane stops once its residual norm is below TOL times its right-hand side's
 MAX_ITER = 500
 COARSEST = 8  # the multigrid stops halving below this side
 SWEEPS = 2  # Jacobi sweeps before and after each coarse correction
-COARSE_SWEEPS = 32  # on the coarsest grid
+COARSE_SWEEPS = 8  # on the coarsest grid (more did not lower the iterations)
 ORDERS = ("morf", "lerf")
 
 
+_STENCIL = torch.tensor([[1.0, 2.0, 1.0], [2.0, 0.0, 2.0], [1.0, 2.0, 1.0]]) / 12  # the 8 neighbours' weights
+_TRANSFER = torch.outer(torch.tensor([1.0, 3.0, 3.0, 1.0]), torch.tensor([1.0, 3.0, 3.0, 1.0])) / 16
+
+
+def _depthwise(kernel: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """kernel [k, k] as the weight of a depthwise convolution over the planes of u [B, H, W]."""
+    return kernel.to(u.device, u.dtype).expand(u.shape[0], 1, *kernel.shape)
+
+
 def _neighbours(u: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of each pixel's in-image neighbours (zero outside): [B, H, W] -> [B, H, W].
-    The 3 x 3 weights (1/12 diagonal, 1/6 direct, 0 centre) are (121 x 121 - 4 delta) / 12, so two
-    in-place 1-2-1 passes and a subtraction do it (5x faster than eight shifted sums on a CPU)."""
-    h = u * 2
-    h[:, :, 1:] += u[:, :, :-1]
-    h[:, :, :-1] += u[:, :, 1:]
-    v = h * 2
-    v[:, 1:] += h[:, :-1]
-    v[:, :-1] += h[:, 1:]
-    v.sub_(u, alpha=4)
-    return v.mul_(1.0 / 12)
+    """Weighted sum of each pixel's in-image neighbours (zero outside): [B, H, W] -> [B, H, W]. A
+    depthwise convolution, each plane its own channel (2x faster than shifted in-place sums here,
+    and a plane's numbers do not depend on the planes beside it)."""
+    return F.conv2d(u[None], _depthwise(_STENCIL, u), padding=1, groups=u.shape[0])[0]
 
 
 def _operator(e: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """The system on the removed pixels m: s*e - W(e) there, 0 elsewhere, for e that is 0 off m;
     [B, H, W] -> same."""
-    return m * (s * e - _neighbours(e))
+    return torch.addcmul(_neighbours(e), s, e, value=-1).mul_(-1).mul_(m)
 
 
-def _restrict_axis(r: torch.Tensor, dim: int) -> torch.Tensor:
-    """Full weighting (1, 3, 3, 1) / 4 along `dim`, halving it (an odd side gets a zero pad)."""
-    if r.shape[dim] % 2:
-        r = torch.cat([r, torch.zeros_like(r.narrow(dim, 0, 1))], dim)
-    even, odd = r.narrow(dim, 0, r.shape[dim] // 2 * 2).unflatten(dim, (-1, 2)).unbind(dim + 1)
-    c = (even + odd).mul_(0.75)
-    n = c.shape[dim]
-    c.narrow(dim, 1, n - 1).add_(odd.narrow(dim, 0, n - 1), alpha=0.25)  # r[2i - 1]
-    c.narrow(dim, 0, n - 1).add_(even.narrow(dim, 1, n - 1), alpha=0.25)  # r[2i + 2]
-    return c
-
-
-def _prolong_axis(e: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """Linear interpolation to twice the length along `dim` (the transpose of _restrict_axis),
-    cropped to `size`."""
-    n = e.shape[dim]
-    even, odd = e * 0.75, e * 0.75
-    even.narrow(dim, 1, n - 1).add_(e.narrow(dim, 0, n - 1), alpha=0.25)  # fine 2i <- e[i - 1]
-    odd.narrow(dim, 0, n - 1).add_(e.narrow(dim, 1, n - 1), alpha=0.25)  # fine 2i + 1 <- e[i + 1]
-    return torch.stack([even, odd], dim + 1).flatten(dim, dim + 1).narrow(dim, 0, size)
+def _residual(r: torch.Tensor, e: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """r - A e on the removed pixels m (r and e 0 off m): [B, H, W] -> same."""
+    return torch.addcmul(r, m, torch.addcmul(_neighbours(e), s, e, value=-1))
 
 
 def _restrict(r: torch.Tensor) -> torch.Tensor:
-    """[B, H, W] -> [B, ceil(H/2), ceil(W/2)]: separable, elementwise, so each plane's numbers do
-    not depend on the planes solved beside it."""
-    return _restrict_axis(_restrict_axis(r, 1), 2)
+    """Full weighting, (1, 3, 3, 1) / 4 along each axis: [B, H, W] -> [B, ceil(H/2), ceil(W/2)] (an odd
+    side gets a zero pad)."""
+    H, W = r.shape[1:]
+    v = F.pad(r[None], (0, W % 2, 0, H % 2)) if H % 2 or W % 2 else r[None]
+    return F.conv2d(v, _depthwise(_TRANSFER, r), stride=2, padding=1, groups=r.shape[0])[0]
 
 
 def _prolong(e: torch.Tensor, size) -> torch.Tensor:
-    """[B, h, w] -> [B, *size], the transpose of _restrict."""
-    return _prolong_axis(_prolong_axis(e, 1, size[0]), 2, size[1])
+    """Bilinear interpolation, the transpose of _restrict: [B, h, w] -> [B, *size]."""
+    out = F.conv_transpose2d(e[None], _depthwise(_TRANSFER, e), stride=2, padding=1, groups=e.shape[0])[0]
+    return out[:, :size[0], :size[1]]
 
 
 def _levels(m: torch.Tensor):
@@ -112,9 +103,12 @@ def _levels(m: torch.Tensor):
 
 def _jacobi(e: Optional[torch.Tensor], r: torch.Tensor, inv: torch.Tensor, sweeps: int) -> torch.Tensor:
     """Jacobi sweeps for A e = r (r and e 0 off the removed pixels, inv = m / s): e <- (r + W e) / s
-    on the removed pixels, which is e + (r - A e) / s there."""
+    on the removed pixels, which is e + (r - A e) / s there; e None: starting from 0."""
+    scaled = inv * r
+    if e is None:
+        e, sweeps = scaled, sweeps - 1
     for _ in range(sweeps):
-        e = inv * r if e is None else inv * (r + _neighbours(e))
+        e = torch.addcmul(scaled, inv, _neighbours(e))
     return e
 
 
@@ -126,8 +120,8 @@ def _vcycle(r: torch.Tensor, levels, depth: int = 0) -> torch.Tensor:
         return _jacobi(None, r, inv, COARSE_SWEEPS)
     e = _jacobi(None, r, inv, SWEEPS)
     mc = levels[depth + 1][0]
-    coarse = _vcycle(mc * _restrict(r - _operator(e, m, s)), levels, depth + 1)
-    e = e + m * _prolong(coarse, r.shape[1:])
+    coarse = _vcycle(mc * _restrict(_residual(r, e, m, s)), levels, depth + 1)
+    e = torch.addcmul(e, m, _prolong(coarse, r.shape[1:]))
     return _jacobi(e, r, inv, SWEEPS)
 
 
@@ -162,12 +156,12 @@ def _solve(v: torch.Tensor, m: torch.Tensor, tol: float, max_iter: int) -> torch
         ap = _operator(p, m, s)
         pap = (p * ap).sum(dims)
         alpha = torch.where(active & (pap > 0), ry / pap.clamp_min(1e-30), torch.zeros_like(ry))[:, None, None]
-        z = z + alpha * p
-        r = r - alpha * ap
+        z = torch.addcmul(z, alpha, p)
+        r = torch.addcmul(r, alpha, ap, value=-1)
         y = _vcycle(r, levels)
         ry_new = (r * y).sum(dims)
         beta = torch.where(ry > 0, ry_new / ry.clamp_min(1e-30), torch.zeros_like(ry))[:, None, None]
-        p = y + beta * p
+        p = torch.addcmul(y, beta, p)
         ry = ry_new
     out[rows] = z
     return out
