@@ -65,17 +65,34 @@ def quantus_imputation(xb: np.ndarray, maps_hw: np.ndarray, m: int, n: int) -> N
           f"{seconds / n * 16:>12.2f}", flush=True)
 
 
-def ours_imputation(x: torch.Tensor, maps: torch.Tensor, max_batch: int) -> None:
-    """Our imputation alone on the same MoRF pixels: all inputs x percentages, max_batch rows at a time."""
+def ours_imputation(x: torch.Tensor, maps: torch.Tensor, max_batch: int, order: str = "morf") -> float:
+    """Our imputation alone on the same pixels (MoRF: as Quantus's): all inputs x percentages,
+    max_batch rows at a time; returns the seconds."""
     H, W = x.shape[2:]
-    removed = removal_masks(ranks(maps, (H, W))[:, 0], PERCENTAGES, "morf").reshape(-1, H, W)  # [N * P, H, W]
+    removed = removal_masks(ranks(maps, (H, W))[:, 0], PERCENTAGES, order).reshape(-1, H, W)  # [N * P, H, W]
     rows = x.repeat_interleave(len(PERCENTAGES), 0)
     start = time.perf_counter()
     for i in range(0, len(rows), max_batch):
         impute(rows[i:i + max_batch], removed[i:i + max_batch])
     seconds = time.perf_counter() - start
-    print(f"{'ours: imputation only, MoRF':<46} {seconds:>9.2f} {0:>9d} {seconds / x.shape[0] * 16:>12.2f}",
-          flush=True)
+    print(f"{'ours: imputation only, ' + order.upper():<46} {seconds:>9.2f} {0:>9d} "
+          f"{seconds / x.shape[0] * 16:>12.2f}", flush=True)
+    return seconds
+
+
+def road_forwards(model: Counting, x: torch.Tensor, max_batch: int) -> float:
+    """ROAD's forwards alone: as many rows as ROAD feeds (inputs x percentages x 2 orders), max_batch
+    at a time, no imputation; returns the seconds."""
+    model.rows = 0
+    rows = x.repeat_interleave(2 * len(PERCENTAGES), 0)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(rows), max_batch):
+            model(rows[i:i + max_batch])
+    seconds = time.perf_counter() - start
+    print(f"{'ours: ROAD forwards alone (no imputation)':<46} {seconds:>9.2f} {model.rows:>9d} "
+          f"{seconds / x.shape[0] * 16:>12.2f}", flush=True)
+    return seconds
 
 
 def metrics_section(base, device, n: int = 16, max_batch: int = 16) -> None:  # a run's default: batch_size
@@ -85,6 +102,9 @@ def metrics_section(base, device, n: int = 16, max_batch: int = 16) -> None:  # 
     print(f"{'metric':<46} {'seconds':>9} {'forwards':>9} {'s / 16 inputs':>12}")
     timed(f"ours: ROAD MoRF+LeRF, {len(PERCENTAGES)} percentages", counted,
           lambda: road(counted, x, maps, targets, PERCENTAGES, max_batch), n)
+    forwards = road_forwards(counted, x, max_batch)
+    imputation = sum(ours_imputation(x, maps, max_batch, order) for order in ("morf", "lerf"))
+    print(f"ROAD: imputation (both orders) / its forwards = {imputation / forwards:.2f}")
     probs = target_probs(model, x, targets, max_batch)  # a run has them from its own forward
     timed("ours: average drop + increase", counted,
           lambda: confidence(counted, x, maps, targets, max_batch, probs), n)
@@ -104,9 +124,8 @@ def metrics_section(base, device, n: int = 16, max_batch: int = 16) -> None:  # 
               lambda: road_q(model=counted, x_batch=xb, y_batch=yb, a_batch=ab, device=str(device)), n)
     except Exception as err:  # quantus 0.6.0 on RGB inputs: it ranks C*H*W attributions, imputes over H*W
         print(f"quantus: ROAD fails on these {tuple(xb.shape[1:])} inputs ({type(err).__name__}: {err}); "
-              "its imputation timed alone instead:")
+              "its imputation timed alone instead (against ours, MoRF, above):")
         quantus_imputation(xb, ab[:, 0], min(n, 4), n)
-        ours_imputation(x, maps, max_batch)
     sparse_q = quantus.Sparseness(display_progressbar=False)
     timed("quantus: Sparseness", counted,
           lambda: sparse_q(model=counted, x_batch=xb, y_batch=yb, a_batch=ab, device=str(device)), n)
