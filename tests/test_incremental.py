@@ -185,3 +185,36 @@ def test_tracing_leaves_the_models_python_state_as_it_was(monkeypatch, one_threa
     drops(model, torch.randn(2, 3, 16, 16), 8, 4, 4, True)
     assert any(calls) and model.sizes == [2] and model.calls == 1  # the Pass's own forward only
     assert not hasattr(model, "graph") and isinstance(occlusion._engine(model), incremental.Incremental)
+
+
+def test_each_copy_recomputes_only_its_boxes_flops(one_thread):
+    """The saving itself, counted exactly (torch.utils.flop_counter): each convolution of each copy
+    runs on its output box only (the 8 x 8 window grown by one pixel per 3 x 3 convolution), the
+    clean input once in full, the linear layer after the global pool in full per copy."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 10)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    edges = occlusion.starts(64, 8, 8)
+    ys = torch.tensor(edges).repeat_interleave(len(edges))
+    xs = torch.tensor(edges).repeat(len(edges))
+    P = len(ys)
+    engine = incremental.Incremental(model)
+    with torch.no_grad():
+        reference = model(x)
+        with FlopCounterMode(display=False) as counter:
+            logits = torch.cat([out for _, out in engine.rows(x, ys, xs, (8, 8), 0.0, P, 16, reference)])
+
+    def conv(c_in, side):  # flop_counter: 2 per multiply-add
+        return 2 * 8 * side * side * c_in * 9
+
+    full = conv(3, 64) + 2 * conv(8, 64) + 2 * 8 * 10
+    boxes = conv(3, 10) + conv(8, 12) + conv(8, 14) + 2 * 8 * 10
+    assert counter.get_total_flops() == full + P * boxes  # 1/25 of P * full here
+    copies = x.repeat(P, 1, 1, 1)
+    for r, (y0, x0) in enumerate(zip(ys.tolist(), xs.tolist())):
+        copies[r, :, y0:y0 + 8, x0:x0 + 8] = 0.0
+    torch.testing.assert_close(logits, model(copies), rtol=1e-4, atol=1e-5)
