@@ -24,6 +24,13 @@ class Progress:
         self.done = min(self.total, self.done + units) if self.total else self.done + units
         self._changed()
 
+    def withdraw(self, announced: float, done: float) -> None:
+        """Take back units announced and done by work that was abandoned (it will be redone and
+        counted again)."""
+        self.total -= announced
+        self.done = max(0.0, self.done - done)
+        self._changed()
+
     @property
     def fraction(self) -> float:
         return self.done / self.total if self.total else 0.0
@@ -39,6 +46,33 @@ class _NoProgress(Progress):
 
     def step(self, units: float = 1) -> None:
         pass
+
+    def withdraw(self, announced: float, done: float) -> None:
+        pass
+
+
+class Attempt(Progress):
+    """Progress of work that may be abandoned and redone another way (incremental occlusion, the
+    Ablation-CAM tail, before their fallback to whole forwards): it reports to `parent` as it goes,
+    and `abandon()` takes its units back out of the parent, so the redo does not count them twice.
+    (A bar that follows the parent does not move back: it waits until the redo passes it.)"""
+
+    def __init__(self, parent: Progress):
+        super().__init__()
+        self.parent = parent
+
+    def add(self, units: float) -> None:
+        super().add(units)
+        self.parent.add(units)
+
+    def step(self, units: float = 1) -> None:
+        before = self.done
+        super().step(units)
+        self.parent.step(self.done - before)
+
+    def abandon(self) -> None:
+        self.parent.withdraw(self.total, self.done)
+        self.total = self.done = 0.0
 
 
 NO_PROGRESS = _NoProgress()

@@ -252,6 +252,24 @@ def test_ablation_on_the_tail_equals_whole_forwards(mix, max_batch, engine, capl
         assert inputs[-1] > 1 or max_batch == 1  # the fallback's whole forwards
 
 
+@pytest.mark.parametrize("mix", ["add", "batch"])
+def test_ablation_tail_fallback_counts_each_row_once(mix):
+    """Progress: where the tail gives up (a batch mean changes the unablated copy's logits) the
+    whole forwards redo the rows; the rows the tail announced are taken back, not counted twice."""
+    from pipeline.progress import Progress
+
+    model = Residual(mix).eval()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    technique = make("ablationcam", tail=True)
+    p = Pass(model, x, ["relu"], TargetSpec.parse("pred"), max_batch=4, needs=technique.needs)
+    seen = []
+    p.progress = Progress(lambda done, total: seen.append((done, total)))
+    technique.attribute(model, x, ["relu"], TargetSpec.parse("pred"), max_batch=4, shared=p)
+    rows = 2 * 6  # inputs x channels
+    assert (p.progress.done, p.progress.total) == (rows, rows)
+    assert max(total for _, total in seen) == rows
+
+
 def test_ablation_hook_is_removed_when_the_model_raises_in_a_masked_forward():
     model = tiny_net()
     x = torch.rand(2, 3, 16, 16)

@@ -218,3 +218,31 @@ def test_each_copy_recomputes_only_its_boxes_flops(one_thread):
     for r, (y0, x0) in enumerate(zip(ys.tolist(), xs.tolist())):
         copies[r, :, y0:y0 + 8, x0:x0 + 8] = 0.0
     torch.testing.assert_close(logits, model(copies), rtol=1e-4, atol=1e-5)
+
+
+def test_a_fallback_partway_counts_each_row_once(monkeypatch, one_thread):
+    """The engine fails at its second chunk: full inference redoes every copy (same maps), and the
+    rows the engine announced and did are taken back out of the progress, not counted twice."""
+    from pipeline.progress import Progress
+
+    model = seeded(lambda: torchvision.models.vgg11(weights=None))
+    x = torch.randn(1, 3, 64, 64)
+    want = drops(model, x, 16, 16, 4, False)
+    calls, real = [], incremental.Incremental._run
+
+    def flaky(self, patch):
+        calls.append(len(patch.src))
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real(self, patch)
+
+    monkeypatch.setattr(incremental.Incremental, "_run", flaky)
+    technique = get_technique("occlusion")(window=16, stride=16, incremental=True)
+    p = base.Pass(model, x, [], TOP2, max_batch=4, needs=technique.needs)
+    seen = []
+    p.progress = Progress(lambda done, total: seen.append((done, total)))
+    got = technique.attribute(model, x, [], TOP2, max_batch=4, shared=p).maps["input", "drop"]
+    rows = full_windows(x, 16, 16)
+    assert calls == [4, 4] and (p.progress.done, p.progress.total) == (rows, rows)
+    assert max(total for _, total in seen) == rows
+    torch.testing.assert_close(got, want)

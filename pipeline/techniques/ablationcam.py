@@ -15,6 +15,7 @@ from torch import nn
 from pipeline.contracts import Paper
 from pipeline.layouts import NCHW, Layout
 from pipeline.precision import forward_autocast
+from pipeline.progress import Attempt
 from pipeline.techniques.base import chunks, register
 from pipeline.techniques.gradcam import CAM
 from pipeline.techniques.incremental import Unsupported
@@ -110,7 +111,8 @@ def tail_scores(p, layer: str, kept: torch.Tensor) -> Optional[torch.Tensor]:
     scores = torch.empty(N, K, Ck, device=p.x.device)
     clean = p.logits.float()
     tol = 1e-4 if p.precision == "fp32" else 5e-2  # the grown copy's logits against the batch's own (fp32) forward
-    p.progress.add(N * Ck)
+    progress = Attempt(p.progress)  # abandoned (its rows taken back) when whole forwards redo them
+    progress.add(N * Ck)
     layout, tail = p.layout_of(layer), traced_tail(p.model, layer)
     clean_run: Dict[str, object] = {}  # the traced clean values of the input being ablated
 
@@ -136,15 +138,17 @@ def tail_scores(p, layer: str, kept: torch.Tensor) -> Optional[torch.Tensor]:
             except RuntimeError as err:  # e.g. a concatenation with a tensor from before the layer
                 log.info("ablationcam: %s: whole forwards per ablated copy (the network after the "
                          "layer does not take a grown batch: %s)", layer, err)
+                progress.abandon()
                 return None
             if logits.shape[0] != len(channels) or (
                     check and not torch.allclose(logits[0], clean[n], rtol=tol, atol=tol * float(clean[n].abs().max()))):
                 log.info("ablationcam: %s: whole forwards per ablated copy (an unablated copy grown "
                          "at the layer did not reproduce the logits)", layer)
+                progress.abandon()
                 return None
             logits = logits[1:] if check else logits
             scores[n, :, s] = logits[:, p.targets[n]].t()
-            p.progress.step(len(logits))
+            progress.step(len(logits))
     return scores
 
 

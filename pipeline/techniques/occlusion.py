@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from pipeline.contracts import Family, Kind, Output, Paper
+from pipeline.progress import Attempt
 from pipeline.techniques.base import INPUT, Technique, register
 from pipeline.techniques.incremental import Incremental, Unsupported
 
@@ -83,16 +84,18 @@ class Occlusion(Technique):
             xs = torch.tensor(ws, device=x.device).repeat(len(hs))
             size = (min(o.window, S[0]), min(o.window, S[1]))
             P = len(ys)
+            progress = Attempt(p.progress)
             try:
                 first = True
                 for r, logits in engine.rows(x, ys, xs, size, o.fill, len(scores), p.max_batch, p.logits):
                     if first:
-                        p.progress.add(len(scores))
+                        progress.add(len(scores))
                         first = False
                     scores[r] = logits.gather(1, targets[r // P])
-                    p.progress.step(len(r))
+                    progress.step(len(r))
                 return True
             except Exception as err:  # noqa: BLE001 - any failure: the full copies give the maps
+                progress.abandon()  # the full copies count the rows again
                 why = f"{type(err).__name__}: {err}"
         log.info("occlusion: full inference for %s (incremental inference not possible: %s)",
                  type(p.model).__name__, why)
