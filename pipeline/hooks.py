@@ -157,33 +157,44 @@ class _RuleReLU(torch.autograd.Function):
 
     guided:    grad_in = grad_out * [lower < x < upper] * [grad_out > 0]
     deconvnet: grad_in = relu(grad_out), the forward mask ignored
+
+    guided keeps the output y (lower < y < upper exactly where lower < x < upper; the next layer
+    keeps y for its own backward anyway) and applies the mask in one fused pass; with keep_mask it
+    keeps a separate boolean mask instead, for models that modify a rectifier's output in place.
     """
 
     @staticmethod
-    def forward(ctx, x, lower, upper, rule, inplace):
-        ctx.rule = rule
-        if rule == "guided":
-            passes = x > lower if upper is None else (x > lower) & (x < upper)
-            ctx.save_for_backward(passes)
+    def forward(ctx, x, lower, upper, rule, inplace, keep_mask):
+        ctx.rule, ctx.lower, ctx.upper, ctx.keep_mask = rule, lower, upper, keep_mask
+        if rule == "guided" and keep_mask:
+            ctx.save_for_backward(x > lower if upper is None else (x > lower) & (x < upper))
+        y = x.clamp_(lower, upper) if inplace else x.clamp(lower, upper)
         if inplace:
             ctx.mark_dirty(x)
-            return x.clamp_(lower, upper)
-        return x.clamp(lower, upper)
+        if rule == "guided" and not keep_mask:
+            ctx.save_for_backward(y)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.clamp_min(0)
         if ctx.rule == "guided":
-            grad = grad * ctx.saved_tensors[0]
-        return grad, None, None, None, None
+            (saved,) = ctx.saved_tensors
+            if ctx.keep_mask:
+                grad = grad * saved
+            elif ctx.upper is None:  # grad where y > lower, else 0: one pass
+                grad = torch.ops.aten.threshold_backward(grad, saved, ctx.lower)
+            else:  # grad where lower < y < upper
+                grad = torch.ops.aten.hardtanh_backward(grad, saved, ctx.lower, ctx.upper)
+        return grad, None, None, None, None, None
 
 
 class _RuleMode(TorchFunctionMode):
     """Routes every rectifier call (see _RECTIFIERS) of this thread through _RuleReLU."""
 
-    def __init__(self, rule: str):
+    def __init__(self, rule: str, keep_masks: bool = False):
         super().__init__()
-        self.rule, self.calls = rule, 0
+        self.rule, self.keep_masks, self.calls = rule, keep_masks, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -192,12 +203,12 @@ class _RuleMode(TorchFunctionMode):
             x, lower, upper, inplace = parse(*args, **kwargs)
             if lower == 0 and (upper is None or upper > 0) and torch.is_tensor(x) and x.is_floating_point():
                 self.calls += 1
-                return _RuleReLU.apply(x, lower, upper, self.rule, inplace)
+                return _RuleReLU.apply(x, lower, upper, self.rule, inplace, self.keep_masks)
         return func(*args, **kwargs)
 
 
 @contextmanager
-def relu_backward_rule(model: nn.Module, rule: str) -> Iterator[_RuleMode]:
+def relu_backward_rule(model: nn.Module, rule: str, keep_masks: bool = False) -> Iterator[_RuleMode]:
     """Run `model` with ReLU backward rules swapped: `with relu_backward_rule(model, "guided") as r:`.
 
     Forward values are unchanged. Every rectifier called in this thread inside the block, whether
@@ -207,6 +218,9 @@ def relu_backward_rule(model: nn.Module, rule: str) -> Iterator[_RuleMode]:
     the model is touched (no hooks, flags or parameters), and the rule is switched off in
     `finally`. `r.calls` counts the rectifiers routed: 0 after a forward means the rule did nothing.
     A TorchScript (sub)module is refused with ValueError, since its rectifiers cannot be reached.
+    The guided rule reads its mask off each rectifier's output; a model that then changes that
+    output in place makes the backward raise autograd's "modified by an inplace operation"
+    RuntimeError: `keep_masks=True` keeps a separate mask per rectifier instead (slower).
     """
     if rule not in RULES:
         raise ValueError(f"unknown ReLU backward rule {rule!r}; expected one of {RULES}")
@@ -214,6 +228,6 @@ def relu_backward_rule(model: nn.Module, rule: str) -> Iterator[_RuleMode]:
     if scripted:
         raise ValueError(f"{rule} backward rules cannot reach the ReLUs inside TorchScript modules "
                          f"({', '.join(scripted[:3])}); load an eager model (a state dict and model.arch)")
-    mode = _RuleMode(rule)
+    mode = _RuleMode(rule, keep_masks)
     with mode:
         yield mode

@@ -90,6 +90,32 @@ def test_rules_equal_the_hand_written_backward(how, rule, name):
     assert not torch.allclose(plain, maps[INPUT, "map"])  # the rule did change the backward
 
 
+class ChangedInPlace(TwoLayer):
+    """TwoLayer whose first rectifier's output is then changed in place (by 1.0: the same maths,
+    a new version of the tensor), so its output can no longer give the mask in the backward."""
+
+    def forward(self, x):
+        h = self.act1(self.conv1(x))
+        h.mul_(1.0)
+        return self.fc(self.act2(self.conv2(h)).flatten(1))
+
+
+@pytest.mark.parametrize("how", ["module", "relu6"])
+def test_guided_keeps_masks_where_a_rectifier_output_is_changed_in_place(how):
+    rng = np.random.default_rng(5)
+    model = ChangedInPlace(how, rng).eval()
+    x = rng.normal(size=(3, 3, 4, 4)).astype(np.float32)
+    xt = torch.tensor(x).requires_grad_(True)
+    with torch.enable_grad(), relu_backward_rule(model, "guided") as routed:
+        logit = model(xt)[:, 1].sum()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(logit, xt)  # the fast path reads the (changed) output
+    assert routed.calls == 2
+    maps = run("guided_backprop", model, torch.tensor(x), target=TargetSpec.parse("1"))  # retried, masks kept
+    expected = hand_rule_grad(model, x, 1, "guided", 6.0 if how == "relu6" else None)
+    np.testing.assert_allclose(maps[INPUT, "map"][:, 0].numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
 # -- gradient x input ---------------------------------------------------------------------------
 def test_gradxinput_equals_saliency_times_input():
     model, x = tiny_net(), torch.rand(2, 3, 16, 16)

@@ -14,9 +14,9 @@ def rule_input_grads(p: Pass, rule: str) -> torch.Tensor:
     per target for the whole batch, memoized on the Pass as "<rule>_grads" (guided_gradcam reuses it).
     """
 
-    def compute() -> torch.Tensor:
+    def compute(keep_masks: bool) -> torch.Tensor:
         x = p.x.detach().requires_grad_(True)
-        with torch.enable_grad(), relu_backward_rule(p.model, rule) as routed:
+        with torch.enable_grad(), relu_backward_rule(p.model, rule, keep_masks) as routed:
             logits = p.model(x)  # [N, classes]
             if routed.calls == 0:
                 raise ValueError(
@@ -28,7 +28,15 @@ def rule_input_grads(p: Pass, rule: str) -> torch.Tensor:
                      for k in range(K)]
         return torch.stack(grads, 1)
 
-    return p.shared(f"{rule}_grads", compute)
+    def masks_if_needed() -> torch.Tensor:
+        try:
+            return compute(keep_masks=False)
+        except RuntimeError as err:  # a rectifier's output changed in place after it: keep masks
+            if "modified by an inplace operation" not in str(err):
+                raise
+            return compute(keep_masks=True)
+
+    return p.shared(f"{rule}_grads", masks_if_needed)
 
 
 @register("guided_backprop")
