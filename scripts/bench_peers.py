@@ -13,12 +13,19 @@ them be set (batches of 16 rows for masks, steps and perturbations; IG 32 steps;
 samples, noise 0.15; occlusion 32 x 32 windows, stride 16, zero baseline). A peer that is not
 installed is left out with a line saying so (`pip install -e '.[peers]'` installs all three; they
 are never dependencies of the pipeline).
+
+numpy's, scipy's and OpenCV's OpenBLAS thread pools are limited to one thread for the section
+(threadpoolctl, in the peers extra): after a multithreaded BLAS call (pytorch-grad-cam's numpy SVD
+in Eigen-CAM) their threads spin for a while, and on 2 cores that slowed whichever torch call came
+next by ~2x (measured: ours 60 -> 145 ms interleaved after it). Torch's own threads are untouched;
+the peers lose nothing (pytorch-grad-cam's Eigen-CAM gets faster: it was slowed by its own spin).
 """
 from __future__ import annotations
 
 import copy
 import statistics
 import time
+from contextlib import nullcontext
 from typing import Callable, Dict, List, Optional, Tuple
 
 import cv2
@@ -160,7 +167,23 @@ def print_row(name: str, medians: Dict[str, float], libraries) -> None:
     print(f"{name:<22} {mine:>8.2f} " + " ".join(cells), flush=True)
 
 
+def one_blas_thread():
+    """numpy / scipy / OpenCV OpenBLAS pools at one thread (see the module docstring), when
+    threadpoolctl imports."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        print("threadpoolctl does not import: OpenBLAS pools left as they are (their spin can slow the next call)")
+        return nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def peers_section(base, device, batch: int = 8, repeat: int = 3, names: Optional[List[str]] = None) -> None:
+    with one_blas_thread():
+        _peers_section(base, device, batch, repeat, names)
+
+
+def _peers_section(base, device, batch: int, repeat: int, names: Optional[List[str]]) -> None:
     captum, gc, tc = _peer("captum"), _peer("pytorch-grad-cam"), _peer("torchcam")
     for arch, model, layer, x in architectures(base, device, batch):
         module = lambda m, layer=layer: m.get_submodule(layer)  # noqa: E731
