@@ -8,10 +8,12 @@ import logging
 import math
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+import cv2
 import numpy as np
 import torch
 from omegaconf import OmegaConf
@@ -133,9 +135,25 @@ def run(cfg, out_dir: str | Path, command: Optional[str] = None,
     out_dir = Path(out_dir)
     if cfg.keep_freed_memory:
         keep_freed_memory()
-    with RunDirLock(out_dir, command or command_line()), sigterm_as_interrupt(), SpareDecoders() as spares:
+    with RunDirLock(out_dir, command or command_line()), sigterm_as_interrupt(), one_opencv_thread(), \
+            SpareDecoders() as spares:
         p = plan(cfg, spares)
         return _run(p, out_dir, command, on_start, spares)
+
+
+@contextmanager
+def one_opencv_thread():
+    """OpenCV's thread pool in this process at one thread for the run, put back after. Here OpenCV
+    only draws and encodes PNGs, in the writer's thread, off the compute path (the decoders are
+    processes with their own one thread); its pool's threads wait actively between calls and took
+    CPU from the model's threads (Grad-CAM end to end with PNGs for every input: ~10% faster on 2
+    cores, runs interleaved with and without)."""
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
 
 
 def _run(p: Plan, out_dir: Path, command: Optional[str], on_start: Optional[Callable[[], None]],

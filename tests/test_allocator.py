@@ -44,3 +44,20 @@ def test_runs_apply_it_unless_switched_off(monkeypatch, make_cfg, image_folder, 
     runner.run(make_cfg(*overrides), tmp_path / "on")
     runner.run(make_cfg(*overrides, "keep_freed_memory=false"), tmp_path / "off")
     assert calls == [1]
+
+
+def test_runs_use_one_opencv_thread_and_put_it_back(monkeypatch, make_cfg, image_folder, tiny_checkpoint, tmp_path):
+    import cv2
+
+    from pipeline import runner
+    from tests.conftest import tiny_overrides
+
+    seen, real = [], runner._work
+    monkeypatch.setattr(runner, "_work", lambda *a, **k: seen.append(cv2.getNumThreads()) or real(*a, **k))
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    try:
+        runner.run(make_cfg(*tiny_overrides(tiny_checkpoint, image_folder, "technique=activations")), tmp_path / "a")
+        assert seen == [1] and cv2.getNumThreads() == 2
+    finally:
+        cv2.setNumThreads(before)
