@@ -176,7 +176,8 @@ class AblationCAM(ForwardCAM):
     def layer_cam(self, p, layer, acts):
         y = p.logits.gather(1, p.targets)[..., None]  # [N, K, 1]
         if p.precision != "fp32":  # y_c in bf16 / fp16: y from forwards in the same precision, so the offset cancels
-            y = torch.cat([logits.gather(1, p.targets[r]) for r, logits in p.rows_logits(len(p.x), lambda r: p.x[r])])[..., None]
+            y = p.shared(f"target_logits_{p.precision}", lambda: torch.cat(
+                [logits.gather(1, p.targets[r]) for r, logits in p.rows_logits(len(p.x), lambda r: p.x[r])]))[..., None]
         if self.options.tail:
             kept = top_kept(acts, self.options.top_channels)
             scores = tail_scores(p, layer, kept)

@@ -173,6 +173,19 @@ def run_node(n: fx.Node, args: tuple, kwargs: dict, modules: Dict[str, nn.Module
     raise Unsupported(f"node {n.name}: {n.op}")
 
 
+def clean_values(nodes: List[fx.Node], x: torch.Tensor, modules: Dict[str, nn.Module], gm: fx.GraphModule
+                 ) -> Dict[fx.Node, Any]:
+    """Every node's value for the graph's input x (the output node's: the model's output)."""
+    env: Dict[fx.Node, Any] = {}
+    for n in nodes:
+        if n.op == "placeholder":
+            env[n] = x
+        else:
+            args, kwargs = map_aggregate((n.args, n.kwargs), lambda a: env[a] if isinstance(a, fx.Node) else a)
+            env[n] = args[0] if n.op == "output" else run_node(n, args, kwargs, modules, gm)
+    return env
+
+
 class Incremental:
     """The traced model run on occluded copies; see the module docstring."""
 
@@ -204,15 +217,8 @@ class Incremental:
 
     def clean(self, x: torch.Tensor) -> torch.Tensor:
         """Run the clean batch, keeping every node's output; returns the logits."""
-        env: Dict[fx.Node, Any] = {}
-        for n in self.nodes:
-            if n.op == "placeholder":
-                env[n] = x
-            elif n.op == "output":
-                out = map_aggregate(n.args[0], lambda a: env[a] if isinstance(a, fx.Node) else a)
-            else:
-                args, kwargs = map_aggregate((n.args, n.kwargs), lambda a: env[a] if isinstance(a, fx.Node) else a)
-                env[n] = self._call(n, args, kwargs)
+        env = clean_values(self.nodes, x, self.modules, self.gm)
+        out = env[self.nodes[-1]]
         if not torch.is_tensor(out) or out.dim() != 2:
             raise Unsupported("the model does not return one logits tensor [N, classes]")
         self.env = env

@@ -84,13 +84,10 @@ class Occlusion(Technique):
             xs = torch.tensor(ws, device=x.device).repeat(len(hs))
             size = (min(o.window, S[0]), min(o.window, S[1]))
             P = len(ys)
-            progress = Attempt(p.progress)
+            progress = Attempt(p.progress)  # abandoned (its rows taken back) if full copies redo them
+            progress.add(len(scores))
             try:
-                first = True
                 for r, logits in engine.rows(x, ys, xs, size, o.fill, len(scores), p.max_batch, p.logits):
-                    if first:
-                        progress.add(len(scores))
-                        first = False
                     scores[r] = logits.gather(1, targets[r // P])
                     progress.step(len(r))
                 return True

@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import map_aggregate
 
-from pipeline.techniques.incremental import Unsupported, run_node, traced
+from pipeline.techniques.incremental import Unsupported, clean_values, run_node, traced
 
 
 class Tail:
@@ -37,15 +37,7 @@ class Tail:
 
     def clean(self, x: torch.Tensor) -> Dict[fx.Node, Any]:
         """Every node's value for one input x [1, ...] (the layer's output at self.at)."""
-        env: Dict[fx.Node, Any] = {}
-        for n in self.nodes:
-            if n.op == "placeholder":
-                env[n] = x
-            elif n.op == "output":
-                env[n] = self._value(n.args[0], env)
-            else:
-                env[n] = self._call(n, env)
-        return env
+        return clean_values(self.nodes, x, self.modules, self.gm)
 
     def run(self, env: Dict[fx.Node, Any], out: torch.Tensor) -> Any:
         """The model's output with the layer's output replaced by `out` [m, ...] (new tensors
