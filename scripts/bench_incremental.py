@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import time
 
-import cv2
 import torch
 import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.data import SAMPLES_DIR, prepare
+from bench_metrics import sample_batch  # scripts/ beside this file (on sys.path via bench.py)
 from pipeline.models import build_model
 from pipeline.targets import TargetSpec
 from pipeline.techniques import get_technique
@@ -55,9 +54,7 @@ def flop_ceiling(model, x: torch.Tensor) -> float:
 
 def incremental_section(base, device: torch.device, inputs: int = 4) -> None:
     loaded = build_model(base.model, device)
-    samples = sorted(SAMPLES_DIR.glob("*.jpg"))
-    x = torch.stack([prepare(cv2.cvtColor(cv2.imread(str(samples[i % len(samples)])), cv2.COLOR_BGR2RGB), None,
-                             loaded.preprocess)[0] for i in range(inputs)]).to(device)
+    x = sample_batch(loaded, inputs, device)
     if x.shape[2:] != (224, 224):
         x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
     torch.manual_seed(0)

@@ -32,12 +32,16 @@ class Counting(torch.nn.Module):
         return self.model(x)
 
 
+def sample_batch(loaded, n: int, device) -> torch.Tensor:
+    """The bundled sample photos, cycled to n, prepared as the model's input [n, 3, S, S] on device."""
+    samples = sorted(SAMPLES_DIR.glob("*.jpg"))
+    return torch.stack([prepare(cv2.cvtColor(cv2.imread(str(samples[i % len(samples)])), cv2.COLOR_BGR2RGB),
+                                None, loaded.preprocess)[0] for i in range(n)]).to(device)
+
+
 def batch_and_maps(base, device, n: int):
     loaded = build_model(base.model, device)
-    samples = sorted(SAMPLES_DIR.glob("*.jpg"))
-    xs = [prepare(cv2.cvtColor(cv2.imread(str(samples[i % len(samples)])), cv2.COLOR_BGR2RGB), None,
-                  loaded.preprocess)[0] for i in range(n)]
-    x = torch.stack(xs).to(device)
+    x = sample_batch(loaded, n, device)
     result = get_technique("gradcam")().attribute(loaded.module, x, ["bn2"], TargetSpec.parse("pred"))
     return loaded.module, x, result.maps["bn2", "cam"].detach(), result.targets
 

@@ -28,10 +28,9 @@ import time
 from contextlib import nullcontext
 from typing import Callable, Dict, List, Optional, Tuple
 
-import cv2
 import torch
 
-from pipeline.data import SAMPLES_DIR, prepare
+from bench_metrics import sample_batch  # scripts/ beside this file (on sys.path via bench.py)
 from pipeline.models import build_model
 from pipeline.targets import TargetSpec
 from pipeline.techniques import get_technique
@@ -123,9 +122,7 @@ def architectures(base, device, n: int):
     import torchvision
 
     loaded = build_model(base.model, device)
-    samples = sorted(SAMPLES_DIR.glob("*.jpg"))
-    x = torch.stack([prepare(cv2.cvtColor(cv2.imread(str(samples[i % len(samples)])), cv2.COLOR_BGR2RGB), None,
-                             loaded.preprocess)[0] for i in range(n)]).to(device)
+    x = sample_batch(loaded, n, device)
     torch.manual_seed(0)
     resnet = torchvision.models.resnet18(weights=None).eval().to(device)
     for p in resnet.parameters():
