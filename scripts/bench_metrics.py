@@ -11,7 +11,7 @@ import torch
 
 from pipeline.data import SAMPLES_DIR, prepare
 from pipeline.metrics.confidence import confidence, target_probs
-from pipeline.metrics.road import impute, ranks, removal_masks, road
+from pipeline.metrics.road import impute, kernel, ranks, removal_masks, road
 from pipeline.metrics.sparseness import gini
 from pipeline.models import build_model
 from pipeline.targets import TargetSpec
@@ -46,12 +46,13 @@ def batch_and_maps(base, device, n: int):
     return loaded.module, x, result.maps["bn2", "cam"].detach(), result.targets
 
 
-def timed(label: str, model: Counting, fn, n: int) -> None:
+def timed(label: str, model: Counting, fn, n: int) -> float:
     model.rows = 0
     start = time.perf_counter()
     fn()
     seconds = time.perf_counter() - start
     print(f"{label:<46} {seconds:>9.2f} {model.rows:>9d} {seconds / n * 16:>12.2f}", flush=True)
+    return seconds
 
 
 def quantus_imputation(xb: np.ndarray, maps_hw: np.ndarray, m: int, n: int) -> None:
@@ -69,17 +70,19 @@ def quantus_imputation(xb: np.ndarray, maps_hw: np.ndarray, m: int, n: int) -> N
           f"{seconds / n * 16:>12.2f}", flush=True)
 
 
-def ours_imputation(x: torch.Tensor, maps: torch.Tensor, max_batch: int, order: str = "morf") -> float:
+def ours_imputation(x: torch.Tensor, maps: torch.Tensor, max_batch: int, order: str = "morf",
+                    solver: str = "auto") -> float:
     """Our imputation alone on the same pixels (MoRF: as Quantus's): all inputs x percentages,
-    max_batch rows at a time; returns the seconds."""
+    max_batch rows at a time, with `solver` (pipeline.metrics.road.impute); returns the seconds."""
     H, W = x.shape[2:]
     removed = removal_masks(ranks(maps, (H, W))[:, 0], PERCENTAGES, order).reshape(-1, H, W)  # [N * P, H, W]
     rows = x.repeat_interleave(len(PERCENTAGES), 0)
     start = time.perf_counter()
     for i in range(0, len(rows), max_batch):
-        impute(rows[i:i + max_batch], removed[i:i + max_batch])
+        impute(rows[i:i + max_batch], removed[i:i + max_batch], solver=solver)
     seconds = time.perf_counter() - start
-    print(f"{'ours: imputation only, ' + order.upper():<46} {seconds:>9.2f} {0:>9d} "
+    label = f"ours: imputation only, {order.upper()}" + ("" if solver == "auto" else f", {solver} solver")
+    print(f"{label:<46} {seconds:>9.2f} {0:>9d} "
           f"{seconds / x.shape[0] * 16:>12.2f}", flush=True)
     return seconds
 
@@ -104,11 +107,15 @@ def metrics_section(base, device, n: int = 16, max_batch: int = 16) -> None:  # 
     counted = Counting(model).eval()
     print(f"\n# metrics on {n} Grad-CAM maps (bn2) at {tuple(x.shape[2:])}, max_batch {max_batch}")
     print(f"{'metric':<46} {'seconds':>9} {'forwards':>9} {'s / 16 inputs':>12}")
-    timed(f"ours: ROAD MoRF+LeRF, {len(PERCENTAGES)} percentages", counted,
-          lambda: road(counted, x, maps, targets, PERCENTAGES, max_batch), n)
+    whole = timed(f"ours: ROAD MoRF+LeRF, {len(PERCENTAGES)} percentages", counted,
+                  lambda: road(counted, x, maps, targets, PERCENTAGES, max_batch), n)
     forwards = road_forwards(counted, x, max_batch)
     imputation = sum(ours_imputation(x, maps, max_batch, order) for order in ("morf", "lerf"))
-    print(f"ROAD: imputation (both orders) / its forwards = {imputation / forwards:.2f}")
+    solver = "C (road_kernel.c)" if kernel() is not None and x.device.type == "cpu" else "torch"
+    print(f"ROAD ({solver} solver): imputation (both orders) / its forwards = {imputation / forwards:.2f}; "
+          f"everything but the forwards (imputation, noise, masks) / its forwards = {whole / forwards - 1:.2f}")
+    if solver != "torch":
+        ours_imputation(x, maps, max_batch, "morf", solver="torch")  # the fallback where no C compiler is found
     probs = target_probs(model, x, targets, max_batch)  # a run has them from its own forward
     timed("ours: average drop + increase", counted,
           lambda: confidence(counted, x, maps, targets, max_batch, probs), n)

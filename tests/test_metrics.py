@@ -48,25 +48,27 @@ def smooth_image(n, h, w, seed=0):
     return torch.nn.functional.avg_pool2d(torch.randn(n, 3, h, w, generator=g), 3, 1, 1) * 2
 
 
+@pytest.mark.parametrize("solver", ["c", "torch"])
 @pytest.mark.parametrize("kind", ["blob", "scattered"])
-def test_imputation_matches_an_exact_sparse_solve(kind):
+def test_imputation_matches_an_exact_sparse_solve(kind, solver):
     H, W = 40, 37  # odd side: the multigrid's padding
     x = smooth_image(3, H, W)
     yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
     relevance = -((yy - 12.0) ** 2 + (xx - 25.0) ** 2) if kind == "blob" else torch.rand(H, W)
     removed = removal_masks(ranks(relevance[None, None], (H, W))[0], [10, 50, 90], "morf")[0].reshape(3, H, W)
-    out = impute(x, removed)
+    out = impute(x, removed, solver=solver)
     for r in range(3):
         for c in range(3):
             want = exact_imputation(x[r, c].double().numpy(), removed[r].numpy())
             np.testing.assert_allclose(out[r, c].double().numpy(), want, atol=2e-4)
     torch.testing.assert_close(out[~removed[:, None].expand_as(x)], x[~removed[:, None].expand_as(x)])
     noise = torch.randn(x.shape)
-    noisy = impute(x, removed, noise)
+    noisy = impute(x, removed, noise, solver=solver)
     torch.testing.assert_close(noisy - out, noise * removed[:, None], atol=1e-5, rtol=0)
 
 
-def test_a_plane_imputes_alike_alone_or_beside_others():
+@pytest.mark.parametrize("solver", ["c", "torch"])
+def test_a_plane_imputes_alike_alone_or_beside_others(solver):
     """Per-plane stopping and elementwise grid transfers: a row's imputation does not depend on the
     rows solved with it (max_batch, batch and resume boundaries), to the bit."""
     H, W = 45, 52
@@ -75,18 +77,19 @@ def test_a_plane_imputes_alike_alone_or_beside_others():
     relevance = torch.nn.functional.interpolate(torch.rand(6, 1, 5, 5, generator=g), (H, W), mode="bilinear")
     removed = torch.stack([removal_masks(ranks(relevance[i:i + 1], (H, W))[0], [p], "morf")[0, 0].reshape(H, W)
                            for i, p in enumerate([10, 30, 50, 70, 90, 95])])
-    together = impute(x, removed)
+    together = impute(x, removed, solver=solver)
     for i in range(6):
-        assert torch.equal(impute(x[i:i + 1], removed[i:i + 1])[0], together[i])
-    assert torch.equal(impute(x[2:5], removed[2:5]), together[2:5])
+        assert torch.equal(impute(x[i:i + 1], removed[i:i + 1], solver=solver)[0], together[i])
+    assert torch.equal(impute(x[2:5], removed[2:5], solver=solver), together[2:5])
 
 
-def test_imputation_matches_pytorch_grad_cam():
+@pytest.mark.parametrize("solver", ["c", "torch"])
+def test_imputation_matches_pytorch_grad_cam(solver):
     gradcam_road = pytest.importorskip("pytorch_grad_cam.metrics.road")
     x = smooth_image(1, 24, 24)[0]
     removed = torch.rand(24, 24, generator=torch.Generator().manual_seed(3)) < 0.6
     theirs = gradcam_road.NoisyLinearImputer(noise=0.0)(x, (~removed).float())  # their mask: 1 = kept
-    torch.testing.assert_close(impute(x[None], removed[None])[0], theirs, atol=2e-4, rtol=0)
+    torch.testing.assert_close(impute(x[None], removed[None], solver=solver)[0], theirs, atol=2e-4, rtol=0)
 
 
 def test_removal_masks_take_the_most_or_least_relevant_pixels():
