@@ -25,7 +25,8 @@ from typing import Dict, Optional
 log = logging.getLogger(__name__)
 
 FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno"]
-NATIVE_FLAGS = ["-march=native"]  # dropped when the compiler refuses it
+NATIVE_FLAGS = ["-march=native"]
+BASIC_FLAGS = ["-O3", "-fPIC", "-shared"]  # the second try, for a compiler that refuses one of the above
 
 _loaded: Dict[Path, Optional[ctypes.CDLL]] = {}
 _lock = threading.Lock()
@@ -61,24 +62,42 @@ def compiler() -> Optional[list]:
 
 
 def _build(source: Path, target: Path, cc: list) -> bool:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=target.parent)
-    os.close(fd)
+    """Compile source into target (through a temporary file renamed over it); False, with a
+    warning, when that cannot be done (a compiler error, an unwritable cache)."""
+    tmp = None
     try:
-        for flags in (FLAGS + NATIVE_FLAGS, FLAGS):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=target.parent)
+        os.close(fd)
+        for flags in (FLAGS + NATIVE_FLAGS, BASIC_FLAGS):
             done = subprocess.run(cc + flags + ["-o", tmp, str(source)], capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
                 os.replace(tmp, target)
                 return True
-        log.warning("could not compile %s (%s): %s; using the torch code instead", source.name, " ".join(cc),
-                    done.stderr.strip()[-500:])
-        return False
+        reason = done.stderr.strip()[-500:] or f"exit status {done.returncode}"
     except (OSError, subprocess.SubprocessError) as err:
-        log.warning("could not compile %s (%s): %s; using the torch code instead", source.name, " ".join(cc), err)
-        return False
+        reason = f"{type(err).__name__}: {err}"
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+    log.warning("could not build %s (%s) into %s: %s; using the torch code instead (slower)", source.name,
+                " ".join(cc), target.parent, reason)
+    return False
+
+
+def target_path(source: Path, cc: list) -> Path:
+    """Where the build of source with compiler cc for this CPU is cached."""
+    key = hashlib.sha256("\0".join([source.read_text(), " ".join(cc + FLAGS + NATIVE_FLAGS), _cpu_flags(),
+                                    platform.machine()]).encode()).hexdigest()[:16]
+    return cache_dir() / "native" / f"{source.stem}-{key}.so"
+
+
+def _open(target: Path) -> Optional[ctypes.CDLL]:
+    try:
+        return ctypes.CDLL(str(target))
+    except OSError as err:
+        log.warning("could not load %s (%s): building it again", target, err)
+        return None
 
 
 def load(source: Path) -> Optional[ctypes.CDLL]:
@@ -89,19 +108,16 @@ def load(source: Path) -> Optional[ctypes.CDLL]:
         library = None
         cc = compiler()
         if os.environ.get("PIPELINE_NATIVE", "1") == "0":
-            log.info("PIPELINE_NATIVE=0: %s not used", source.name)
+            log.info("PIPELINE_NATIVE=0: %s not used; using the torch code instead", source.name)
         elif cc is None:
             log.warning("no C compiler found (cc, gcc, clang or $CC): %s not built; using the torch code instead "
                         "(slower)", source.name)
         else:
-            key = hashlib.sha256("\0".join([source.read_text(), " ".join(cc + FLAGS + NATIVE_FLAGS), _cpu_flags(),
-                                            platform.machine()]).encode()).hexdigest()[:16]
-            target = cache_dir() / "native" / f"{source.stem}-{key}.so"
-            if target.is_file() or _build(source, target, cc):
-                try:
-                    library = ctypes.CDLL(str(target))
-                except OSError as err:
-                    log.warning("could not load %s: %s; using the torch code instead", target, err)
+            target = target_path(source, cc)
+            if target.is_file():
+                library = _open(target)  # None: a damaged file (a disk that filled up), built again below
+            if library is None and _build(source, target, cc):
+                library = _open(target)
         _loaded[source] = library
         return library
 

@@ -55,6 +55,27 @@ def test_without_a_build_the_torch_solver_is_used(fresh_cache, monkeypatch, capl
     assert not fresh_cache.exists() or not list(fresh_cache.iterdir())  # no half-written file left
 
 
+def test_an_unwritable_cache_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    native.forget()
+    try:
+        x, removed = planes()
+        assert torch.equal(road.impute(x, removed), road.impute(x, removed, solver="torch"))
+        assert "could not build road_kernel.c" in caplog.text and "NotADirectoryError" in caplog.text
+    finally:
+        native.forget()
+
+
+def test_a_damaged_cached_build_is_built_again(fresh_cache, caplog):
+    target = native.target_path(road.KERNEL, native.compiler())
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"\x7fELF cut short by a full disk")
+    assert road.kernel() is not None
+    assert "building it again" in caplog.text
+    assert [p.name for p in fresh_cache.iterdir()] == [target.name]
+
+
 def test_the_c_and_torch_solvers_agree(fresh_cache):
     x, removed = planes()
     c, t = road.impute(x, removed, solver="c"), road.impute(x, removed, solver="torch")
