@@ -12,6 +12,7 @@ import torch
 from pipeline.data import SAMPLES_DIR, prepare
 from pipeline.metrics.confidence import confidence, target_probs
 from pipeline.metrics.road import impute, kernel, ranks, removal_masks, road
+from pipeline.metrics.pointing import box_mask, energy_pointing, pointing_game
 from pipeline.metrics.sparseness import gini
 from pipeline.models import build_model
 from pipeline.targets import TargetSpec
@@ -120,6 +121,10 @@ def metrics_section(base, device, n: int = 16, max_batch: int = 16) -> None:  # 
     timed("ours: average drop + increase", counted,
           lambda: confidence(counted, x, maps, targets, max_batch, probs), n)
     timed("ours: sparseness (Gini)", counted, lambda: gini(maps, x.shape[2:]), n)
+    H, W = x.shape[2:]
+    boxes = [[np.array([[W / 4, H / 4, W / 2, H / 2]])] for _ in range(n)]  # one centred box per input
+    timed("ours: pointing game + energy pointing", counted,
+          lambda: (pointing_game(maps, boxes, (H, W), 15), energy_pointing(maps, boxes, (H, W))), n)
     try:
         import quantus
     except Exception as err:  # not a dependency
@@ -137,6 +142,13 @@ def metrics_section(base, device, n: int = 16, max_batch: int = 16) -> None:  # 
         print(f"quantus: ROAD fails on these {tuple(xb.shape[1:])} inputs ({type(err).__name__}: {err}); "
               "its imputation timed alone instead (against ours, MoRF, above):")
         quantus_imputation(xb, ab[:, 0], min(n, 4), n)
+    sb = box_mask(boxes[0][0], (H, W))[None, None].repeat(n, 0)  # [n, 1, H, W]
+    pointing_q = quantus.PointingGame(display_progressbar=False)
+    timed("quantus: PointingGame (no tolerance)", counted,
+          lambda: pointing_q(model=counted, x_batch=xb, y_batch=yb, a_batch=ab, s_batch=sb, device=str(device)), n)
+    hits = np.asarray(pointing_q(model=counted, x_batch=xb, y_batch=yb, a_batch=ab, s_batch=sb, device=str(device)))
+    ours_hits = pointing_game(maps, boxes, (H, W), 0).numpy()[:, 0]
+    print(f"pointing game (tolerance 0), ours vs Quantus: {int((hits.astype(float) == ours_hits).sum())} of {n} agree")
     sparse_q = quantus.Sparseness(display_progressbar=False)
     timed("quantus: Sparseness", counted,
           lambda: sparse_q(model=counted, x_batch=xb, y_batch=yb, a_batch=ab, device=str(device)), n)
