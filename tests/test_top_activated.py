@@ -6,6 +6,7 @@ import torch
 from pipeline.runner import run
 from pipeline.targets import TargetSpec
 from pipeline.techniques import get_technique
+from pipeline.techniques import top_activated
 from pipeline.techniques.filter_vis import FilterVis
 from tests.conftest import tiny_overrides
 from tests.tinymodels import tiny_net
@@ -50,6 +51,23 @@ def test_other_settings_or_weights_get_their_own_cache(tmp_path):
     assert make(tmp_path)._cache(tiny_net(seed=1), "relu2", 0) != a
     assert make(tmp_path)._cache(model, "relu1", 0) != a
     assert make(tmp_path)._cache(model, "relu2", 1) != a  # the seed picks the random starts
+
+
+def test_the_weights_are_hashed_once_per_model_until_they_change(tmp_path, monkeypatch):
+    model, technique = tiny_net(), make(tmp_path)
+    hashed = []
+    real_sha1 = top_activated.hashlib.sha1
+    monkeypatch.setattr(top_activated.hashlib, "sha1", lambda *a: hashed.append(a) or real_sha1(*a))
+    first = technique._cache(model, "relu2", 0)
+    weight_hashes = sum(1 for a in hashed if not a)  # the weights' sha1 starts empty; the key's gets bytes
+    for _ in range(3):  # later batches and layers: the key only
+        assert technique._cache(model, "relu2", 0) == first
+        technique._cache(model, "relu1", 0)
+    assert sum(1 for a in hashed if not a) == weight_hashes == 1
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # changed in place: a new digest, a new folder
+    assert technique._cache(model, "relu2", 0) != first
+    assert make(tmp_path)._cache(model, "relu2", 0) == technique._cache(model, "relu2", 0)
 
 
 def test_refuses_layers_without_feature_maps(tmp_path):

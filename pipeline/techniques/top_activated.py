@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -72,16 +73,27 @@ class TopActivated(Technique):
         super().check_layers(shapes)
         self.require_image_maps(shapes)
 
-    def cache_folder(self, model: torch.nn.Module, layer: str, seed: int) -> Path:
-        """The folder of a layer's cached filter images under these settings: `<channel>.png` each."""
+    def weights_digest(self, model: torch.nn.Module) -> str:
+        """sha1 of the model's state dict, hashed once per model while no tensor of it is replaced or
+        changed in place (the fingerprint: each tensor's storage and version counter), not per batch."""
+        state = model.state_dict()
+        fingerprint = tuple((name, t.data_ptr(), t._version) for name, t in state.items())
+        digests = self.__dict__.setdefault("_digests", weakref.WeakKeyDictionary())
+        if model in digests and digests[model][0] == fingerprint:
+            return digests[model][1]
         weights = hashlib.sha1()
-        for name, tensor in model.state_dict().items():
+        for name, tensor in state.items():
             weights.update(name.encode())
             weights.update(tensor.detach().cpu().numpy().tobytes())
+        digests[model] = (fingerprint, weights.hexdigest())
+        return digests[model][1]
+
+    def cache_folder(self, model: torch.nn.Module, layer: str, seed: int) -> Path:
+        """The folder of a layer's cached filter images under these settings: `<channel>.png` each."""
         settings = {k: v for k, v in asdict(self.options).items() if k not in ("top", "cache_dir")}
         if self.layout != "auto":  # a forced reading may give other channels (auto's images stay valid)
             settings["layout"] = self.layout
-        key = hashlib.sha1(json.dumps([weights.hexdigest(), layer, settings, seed], sort_keys=True).encode()).hexdigest()
+        key = hashlib.sha1(json.dumps([self.weights_digest(model), layer, settings, seed], sort_keys=True).encode()).hexdigest()
         return cache_root(self.options.cache_dir) / key[:20] / layer
 
     _cache = cache_folder
