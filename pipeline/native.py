@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -70,9 +71,12 @@ def _build(source: Path, target: Path, cc: list) -> bool:
         fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=target.parent)
         os.close(fd)
         for flags in (FLAGS + NATIVE_FLAGS, BASIC_FLAGS):
+            start = time.perf_counter()
             done = subprocess.run(cc + flags + ["-o", tmp, str(source)], capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
                 os.replace(tmp, target)
+                log.info("built %s (%s, %.1f s) -> %s", source.name, " ".join(cc + flags),
+                         time.perf_counter() - start, target)
                 return True
         reason = done.stderr.strip()[-500:] or f"exit status {done.returncode}"
     except (OSError, subprocess.SubprocessError) as err:
