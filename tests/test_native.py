@@ -5,12 +5,15 @@ import subprocess
 import sys
 import textwrap
 
+import h5py
+import numpy as np
 import pytest
 import torch
 
 from pipeline import native
 from pipeline.metrics import road
-from tests.conftest import REPO
+from pipeline.runner import run
+from tests.conftest import REPO, tiny_overrides
 
 
 @pytest.fixture
@@ -103,3 +106,23 @@ def test_jobs_building_at_once_share_one_build(tmp_path):
     outs = [torch.load(tmp_path / f"{i}.pt") for i in range(4)]
     assert all(torch.equal(o, outs[0]) for o in outs)
     assert [p.suffix for p in (tmp_path / "cache" / "native").iterdir()] == [".so"]
+
+
+def test_a_run_without_a_compiler_writes_the_same_road_values(fresh_cache, monkeypatch, caplog, make_cfg,
+                                                              image_folder, tiny_checkpoint, tmp_path):
+    """ROAD in a run: the C solver, or the torch one where no compiler is found (announced before
+    the per-input loop), to float32 rounding."""
+    extra = ("technique=gradcam", "layers=[relu2]", "evaluate.road=true", "evaluate.road_percentages=[25,75]",
+             "render.png=false")
+    run(make_cfg(*tiny_overrides(tiny_checkpoint, image_folder, *extra)), tmp_path / "c")
+    assert list(fresh_cache.glob("*.so"))
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    native.forget()
+    with caplog.at_level("INFO"):
+        run(make_cfg(*tiny_overrides(tiny_checkpoint, image_folder, *extra)), tmp_path / "torch")
+    messages = [r.getMessage() for r in caplog.records]
+    fallback = next(i for i, m in enumerate(messages) if "no C compiler found" in m)
+    assert fallback == next(i for i, m in enumerate(messages) if m.startswith("model ")) + 1  # before any input
+    with h5py.File(tmp_path / "c" / "maps.h5", "r") as a, h5py.File(tmp_path / "torch" / "maps.h5", "r") as b:
+        for col in ("road_morf", "road_lerf"):
+            np.testing.assert_allclose(a[f"gradcam/relu2/cam.{col}"][:7], b[f"gradcam/relu2/cam.{col}"][:7], atol=1e-4)
