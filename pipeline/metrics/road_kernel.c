@@ -158,7 +158,7 @@ int road_impute(const float *v, const uint8_t *removed, float *z_out, int channe
         if ((lh < lw ? lh : lw) < 2 * coarsest || n == MAX_LEVELS) break;
     }
     const size_t fine = cells(h, w);
-    total += 6 * fine + w + 2 * HALO + 2; /* z, r, p, ap, known, b; the CG's y lives in levels[0]; a row */
+    total += 5 * fine + w + 2 * HALO + 2; /* z, r, p, ap, known; the CG's y lives in levels[0]; a row */
     float *pool = calloc(total, sizeof(float));
     if (!pool) return -1;
     float *next = pool;
@@ -172,7 +172,7 @@ int road_impute(const float *v, const uint8_t *removed, float *z_out, int channe
         levels[d].t = next, next += c;
     }
     float *z = next, *r = next + fine, *p = next + 2 * fine, *ap = next + 3 * fine, *known = next + 4 * fine;
-    float *b = next + 5 * fine, *row = next + 6 * fine;
+    float *row = next + 5 * fine;
     Level *L0 = &levels[0];
 
     /* removed masks per level: a coarse pixel is removed when its 2 x 2 fine pixels all are (pixels
@@ -220,16 +220,17 @@ int road_impute(const float *v, const uint8_t *removed, float *z_out, int channe
             float *k = at(known, L0, i), *zi = at(z, L0, i);
             for (int j = 0; j < w; j++) k[j] = (1.0f - m[j]) * plane[(size_t)i * w + j], zi[j] = 0.0f;
         }
-        for (int i = 0; i < h; i++) { /* b = m * W(known); r = b */
+        for (int i = 0; i < h; i++) { /* r = b = m * W(known), the right-hand side */
             const float *up = at(known, L0, i - 1), *mid = at(known, L0, i), *dn = at(known, L0, i + 1);
             const float *m = at(L0->m, L0, i);
-            float *bi = at(b, L0, i), *ri = at(r, L0, i);
-            for (int j = 0; j < w; j++) ri[j] = bi[j] = m[j] * stencil(up, mid, dn, j);
+            float *ri = at(r, L0, i);
+            for (int j = 0; j < w; j++) ri[j] = m[j] * stencil(up, mid, dn, j);
         }
-        const double limit = (double)tol * tol * dot(L0, b, b);
+        double rr = dot(L0, r, r);
+        const double limit = (double)tol * tol * rr;  /* r is b here */
         float *y = vcycle(levels, 0, n, r, sweeps, coarse_sweeps, row);
         for (int i = 0; i < h; i++) memcpy(at(p, L0, i), at(y, L0, i), (size_t)w * sizeof(float));
-        double ry = dot(L0, r, y), rr = dot(L0, r, r);
+        double ry = dot(L0, r, y);
         int it = 0;
         for (; it < max_iter && rr > limit; it++) {
             double pap = 0.0;
