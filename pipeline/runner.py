@@ -35,7 +35,7 @@ from pipeline.io.space import remove_stale_temporaries
 from pipeline.io.writer import AsyncWriter, BatchRecord
 from pipeline.metrics.pointing import pointing_columns
 from pipeline.metrics.confidence import confidence
-from pipeline.metrics.road import kernel as road_kernel, road
+from pipeline.metrics.road import auto_solver as road_solver, road
 from pipeline.metrics.sparseness import gini
 from pipeline.models import build_model
 from pipeline.planning import (Plan, as_config, build_techniques, check_clips, check_torchscript, choose_layers,
@@ -237,8 +237,8 @@ def _inputs(p: Plan, out_dir: Path, maps_file: MapsFile, record: AttemptRecord, 
         log.info("resuming %s: %d inputs already done, %d to go", out_dir, len(done_ids), len(todo))
     log.info("model %s on %s; layers %s; techniques %s; %d inputs", p.model.description, p.device,
              p.layers, list(p.techniques), len(todo))
-    if cfg.evaluate.road and p.device.type == "cpu" and todo:
-        road_kernel()  # built (or its fallback announced) before the progress bar starts
+    if cfg.evaluate.road and todo:
+        road_solver(p.device)  # the C kernel built (or its fallback announced) before the progress bar starts
     summaries = Summaries(per_input)
     if summaries and maps_file.rows:
         summaries.resume(maps_file.reader())

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.data import SAMPLES_DIR, prepare
 from pipeline.metrics.confidence import confidence, target_probs
-from pipeline.metrics.road import impute, kernel, ranks, removal_masks, road
+from pipeline.metrics.road import auto_solver, impute, ranks, removal_masks, road
 from pipeline.metrics.pointing import box_mask, energy_pointing, pointing_game
 from pipeline.metrics.sparseness import gini
 from pipeline.models import build_model
@@ -47,13 +47,14 @@ def batch_and_maps(base, device, n: int):
     return loaded.module, x, result.maps["bn2", "cam"].detach(), result.targets
 
 
-def timed(label: str, model: Counting, fn, n: int) -> float:
+def timed(label: str, model: Counting, fn, n: int):
+    """Run fn once, print its seconds and the rows fed to model; returns (seconds, fn's value)."""
     model.rows = 0
     start = time.perf_counter()
-    fn()
+    value = fn()
     seconds = time.perf_counter() - start
     print(f"{label:<46} {seconds:>9.2f} {model.rows:>9d} {seconds / n * 16:>12.2f}", flush=True)
-    return seconds
+    return seconds, value
 
 
 def quantus_imputation(xb: np.ndarray, maps_hw: np.ndarray, m: int, n: int) -> None:
@@ -108,11 +109,11 @@ def metrics_section(base, device, n: int = 16, max_batch: int = 16) -> None:  # 
     counted = Counting(model).eval()
     print(f"\n# metrics on {n} Grad-CAM maps (bn2) at {tuple(x.shape[2:])}, max_batch {max_batch}")
     print(f"{'metric':<46} {'seconds':>9} {'forwards':>9} {'s / 16 inputs':>12}")
-    whole = timed(f"ours: ROAD MoRF+LeRF, {len(PERCENTAGES)} percentages", counted,
+    whole, _ = timed(f"ours: ROAD MoRF+LeRF, {len(PERCENTAGES)} percentages", counted,
                   lambda: road(counted, x, maps, targets, PERCENTAGES, max_batch), n)
     forwards = road_forwards(counted, x, max_batch)
     imputation = sum(ours_imputation(x, maps, max_batch, order) for order in ("morf", "lerf"))
-    solver = "C (road_kernel.c)" if kernel() is not None and x.device.type == "cpu" else "torch"
+    solver = auto_solver(x.device)
     print(f"ROAD ({solver} solver): imputation (both orders) / its forwards = {imputation / forwards:.2f}; "
           f"everything but the forwards (imputation, noise, masks) / its forwards = {whole / forwards - 1:.2f}")
     if solver != "torch":
@@ -120,7 +121,7 @@ def metrics_section(base, device, n: int = 16, max_batch: int = 16) -> None:  # 
     probs = target_probs(model, x, targets, max_batch)  # a run has them from its own forward
     timed("ours: average drop + increase", counted,
           lambda: confidence(counted, x, maps, targets, max_batch, probs), n)
-    timed("ours: sparseness (Gini)", counted, lambda: gini(maps, x.shape[2:]), n)
+    _, ours_gini = timed("ours: sparseness (Gini)", counted, lambda: gini(maps, x.shape[2:]), n)
     H, W = x.shape[2:]
     boxes = [[np.array([[W / 4, H / 4, W / 2, H / 2]])] for _ in range(n)]  # one centred box per input
     timed("ours: pointing game + energy pointing", counted,
@@ -144,14 +145,14 @@ def metrics_section(base, device, n: int = 16, max_batch: int = 16) -> None:  # 
         quantus_imputation(xb, ab[:, 0], min(n, 4), n)
     sb = box_mask(boxes[0][0], (H, W))[None, None].repeat(n, 0)  # [n, 1, H, W]
     pointing_q = quantus.PointingGame(display_progressbar=False)
-    timed("quantus: PointingGame (no tolerance)", counted,
-          lambda: pointing_q(model=counted, x_batch=xb, y_batch=yb, a_batch=ab, s_batch=sb, device=str(device)), n)
-    hits = np.asarray(pointing_q(model=counted, x_batch=xb, y_batch=yb, a_batch=ab, s_batch=sb, device=str(device)))
+    _, hits = timed("quantus: PointingGame (no tolerance)", counted,
+                    lambda: pointing_q(model=counted, x_batch=xb, y_batch=yb, a_batch=ab, s_batch=sb,
+                                       device=str(device)), n)
+    hits = np.asarray(hits)
     ours_hits = pointing_game(maps, boxes, (H, W), 0).numpy()[:, 0]
     print(f"pointing game (tolerance 0), ours vs Quantus: {int((hits.astype(float) == ours_hits).sum())} of {n} agree")
     sparse_q = quantus.Sparseness(display_progressbar=False)
-    timed("quantus: Sparseness", counted,
-          lambda: sparse_q(model=counted, x_batch=xb, y_batch=yb, a_batch=ab, device=str(device)), n)
-    ours = gini(maps, x.shape[2:]).cpu().numpy()[:, 0]
-    theirs = np.asarray(sparse_q(model=counted, x_batch=xb, y_batch=yb, a_batch=ab, device=str(device)))
+    _, theirs = timed("quantus: Sparseness", counted,
+                      lambda: sparse_q(model=counted, x_batch=xb, y_batch=yb, a_batch=ab, device=str(device)), n)
+    ours, theirs = ours_gini.cpu().numpy()[:, 0], np.asarray(theirs)
     print(f"Gini, ours vs Quantus: max difference {np.abs(ours - theirs).max():.2e}")

@@ -186,6 +186,12 @@ def kernel() -> Optional[ctypes.CDLL]:
     return library
 
 
+def auto_solver(device: torch.device) -> str:
+    """What solver="auto" runs on device: "c" on the CPU where road_kernel.c builds (built here on
+    first use, or the fallback announced), else "torch"."""
+    return "c" if device.type == "cpu" and kernel() is not None else "torch"
+
+
 def _solve_native(library: ctypes.CDLL, v: torch.Tensor, removed: torch.Tensor, tol: float,
                   max_iter: int) -> torch.Tensor:
     """_solve's algorithm in C, one image at a time (its channels share the removed pixels), images
@@ -223,11 +229,13 @@ def impute(x: torch.Tensor, removed: torch.Tensor, noise: Optional[torch.Tensor]
     R, C, H, W = x.shape
     planes = x.reshape(R * C, H, W).float()
     m = removed[:, None].expand(R, C, H, W).reshape(R * C, H, W).to(planes.dtype)
-    library = kernel() if solver != "torch" and x.device.type == "cpu" else None
-    if solver == "c" and library is None:
-        raise RuntimeError("ROAD's C solver is not available here (CPU tensors and a C compiler needed; "
-                           "see pipeline.native)")
-    if library is not None:
+    if solver == "auto":
+        solver = auto_solver(x.device)
+    if solver == "c":
+        library = kernel() if x.device.type == "cpu" else None
+        if library is None:
+            raise RuntimeError("ROAD's C solver is not available here (CPU tensors and a C compiler needed; "
+                               "see pipeline.native)")
         z = _solve_native(library, planes.reshape(R, C, H, W), removed, tol, max_iter).reshape(R * C, H, W)
     else:
         z = _solve(planes, m, tol, max_iter)
